@@ -1,0 +1,1 @@
+"""Input pipelines, tokenizers, synthetic data and evaluation datasets."""

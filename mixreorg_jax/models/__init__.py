@@ -1,0 +1,1 @@
+"""Flax modules of the GroupViT image and text towers."""

@@ -1,0 +1,1 @@
+"""Command-line tools: weight conversion, export, shard making, benchmarks."""
