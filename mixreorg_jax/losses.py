@@ -1,0 +1,71 @@
+"""Losses of GroupViT and MixReorg as pure functions of embeddings.
+
+Under `jax.jit` with the batch sharded over the mesh, every [B, B] logit matrix here spans the **global** batch:
+XLA inserts the all-gathers, so the contrastive loss is exactly the one of a single device holding the whole batch
+(GroupViT#28/#42: a real global batch matters).
+"""
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> jax.Array:
+  """Symmetric InfoNCE. image_emb, text_emb: [B, D], L2-normalised; scale: scalar. -> scalar."""
+  logits = scale * image_emb @ text_emb.T  # [B, B]
+  labels = jnp.arange(logits.shape[0])
+  image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  return 0.5 * (image_to_text + text_to_image)
+
+
+def multi_label_loss(image_emb: jax.Array, noun_emb: jax.Array, scale: jax.Array) -> jax.Array:
+  """GroupViT's multi-label contrastive loss over noun prompts.
+
+  image_emb: [B, D]; noun_emb: [B, M, D] (M prompted nouns per caption), all L2-normalised. Each image is a
+  positive for its own M prompts (soft target 1/M over them) against all B*M prompts, and each prompt has its
+  image as the single positive among the B images.
+  """
+  b, m, d = noun_emb.shape
+  prompts = noun_emb.reshape(b * m, d)
+  logits = scale * image_emb @ prompts.T  # [B, B*M]
+  targets = jnp.repeat(jnp.eye(b, dtype=logits.dtype), m, axis=1) / m  # [B, B*M]
+  image_to_text = optax.softmax_cross_entropy(logits, targets).mean()
+  text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, jnp.repeat(jnp.arange(b), m)).mean()
+  return 0.5 * (image_to_text + text_to_image)
+
+
+def patch_to_segment(assignments) -> jax.Array:
+  """Chains per-stage assignments [B, N, S1], [B, S1, S2], ... into patch-to-final-segment A [B, N, G]."""
+  a = assignments[0]
+  for nxt in assignments[1:]:
+    a = jnp.einsum("bns,bsg->bng", a, nxt)
+  return a
+
+
+def seg_loss(assignment: jax.Array, segment_emb: jax.Array, text_emb: jax.Array, src: jax.Array,
+             scale: jax.Array, group_size: int) -> Tuple[jax.Array, jax.Array]:
+  """L_seg of MixReorg: every mixed patch must be matched to the caption of the image it came from.
+
+  assignment: [B, N, G] patch-to-segment (straight-through, so gradients reach the grouping blocks);
+  segment_emb: [B, G, D] normalised projected segment tokens of the mixed images; text_emb: [B, D] captions of
+  the original images; src: int [B, N] in [0, K); group_size: K. With t_k the captions of the K images of the group,
+    logits[i, p, k] = scale * sum_g A[i, p, g] * cos(s_{i,g}, t_k).
+  Returns (mean cross-entropy with src, pixel accuracy).
+  """
+  b, d = text_emb.shape
+  groups = b // group_size
+  # Row i gets the K captions of its group: [B, K, D].
+  captions = jnp.broadcast_to(text_emb.reshape(groups, 1, group_size, d), (groups, group_size, group_size, d))
+  captions = captions.reshape(b, group_size, d)
+  seg_to_caption = jnp.einsum("bgd,bkd->bgk", segment_emb, captions)  # [B, G, K]
+  logits = scale * jnp.einsum("bng,bgk->bnk", assignment.astype(jnp.float32), seg_to_caption)  # [B, N, K]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, src).mean()
+  accuracy = (jnp.argmax(logits, axis=-1) == src).mean()
+  return loss, accuracy
+
+
+def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float) -> jax.Array:
+  """L = L_orig + w_rest * L_rest + w_seg * L_seg (missing terms count as 0)."""
+  return terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)

@@ -1,0 +1,91 @@
+"""The MixReorg training forward and its losses (MixReorg, ICCV 2023, Sec. 3; DESIGN.md "training forward").
+
+1. Contextual mixing: the original images run through the first `context_layers` blocks of stage 1, then their
+   image tokens are mixed across groups of K images (`mixing.mix`); the mixed branch starts from the learned
+   stage-1 group tokens.
+2. Progressive mixing: the remaining stage-1 blocks run on both branches in one batched call; after each block
+   the original features enhance the mixed ones, m <- (1 - beta) m + beta Mix_sigma(x).
+3. Mixing restoration: restored = Unmix_sigma(m). Original, mixed and restored features then go through the rest
+   of the encoder (grouping block 1, stage 2, grouping block 2, stage 3) as one 3B batch.
+4. Losses: L = L_orig + w_rest L_rest + w_seg L_seg.
+
+`forward` is applied as a method of the GroupViT module (`model.apply(..., method=forward)`), so it reads the
+architecture from the model and adds only the mixing. With `mixreorg=False` it is exactly GroupViT's step.
+"""
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mixreorg_jax import losses
+from mixreorg_jax import mixing
+from mixreorg_jax.models import groupvit
+
+
+def _image_branches(model: groupvit.GroupViT, images, mix_config, mixreorg: bool, train: bool):
+  """Runs the image tower. -> (segments [R*B, G, C], assignments, src [B, N] or None), R = 3 with mixing else 1."""
+  vision = model.vision_model
+  first = vision.stages[0]
+  x, _ = vision.embed(images)  # [B, N, C]
+  b = x.shape[0]
+  if not mixreorg:
+    x, group_tokens = first.split(first.run_blocks(vision.first_stage_tokens(x), 0, first.depth, train))
+    segments, assignments = vision.after_first_blocks(x, group_tokens, train)
+    return segments, assignments, None
+
+  k, context, beta = mix_config.group_size, mix_config.context_layers, mix_config.progressive_weight
+  if not 0 <= context <= first.depth:
+    raise ValueError(f"config.mix.context_layers={context} must be in [0, {first.depth}] (the depth of stage 1, "
+                     "config.model.vision.depths[0]).")
+  # 1. Contextual mixing.
+  x, group_tokens = first.split(first.run_blocks(vision.first_stage_tokens(x), 0, context, train))
+  mixed, src, perm = mixing.mix(x, model.make_rng("mix"), k)
+  fresh_group_tokens = first.initial_group_tokens(b, None).astype(x.dtype)
+  # 2. Progressive mixing: both branches in one batched call per block.
+  both = jnp.concatenate([x, mixed], axis=0)  # [2B, N, C]
+  both_groups = jnp.concatenate([group_tokens, fresh_group_tokens], axis=0)  # [2B, S, C]
+  for i in range(context, first.depth):
+    both, both_groups = first.split(first.run_blocks(jnp.concatenate([both, both_groups], axis=1), i, i + 1,
+                                                     train))
+    if beta:
+      original, mixed = both[:b], both[b:]
+      both = jnp.concatenate([original, (1.0 - beta) * mixed + beta * mixing.apply_mix(original, perm)], axis=0)
+  original, mixed = both[:b], both[b:]
+  # 3. Mixing restoration, then the rest of the encoder on [original; mixed; restored].
+  restored = mixing.restore(mixed, perm)
+  tokens = jnp.concatenate([original, mixed, restored], axis=0)  # [3B, N, C]
+  groups = jnp.concatenate([both_groups, both_groups[b:]], axis=0)  # restored keeps its mixed image's tokens.
+  segments, assignments = vision.after_first_blocks(tokens, groups, train)
+  return segments, assignments, src
+
+
+def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_collections.ConfigDict,
+            train: bool = True) -> Dict[str, jax.Array]:
+  """Loss terms and metrics of one batch. batch: image [B, H, W, 3], text [B, L], optional nouns [B, M, L].
+
+  Needs rngs 'mix', 'gumbel' and 'dropout' in training, and mutable 'batch_stats'.
+  """
+  mixreorg = config.model.mixreorg
+  b = batch["image"].shape[0]
+  segments, assignments, src = _image_branches(model, batch["image"], config.mix, mixreorg, train)
+  image_emb, _ = model.project_segments(segments[:b], train)  # only the original branch updates BN stats.
+  text_emb = model.encode_text(batch["text"], train)
+  scale = model.scale()
+  out = {"logit_scale": scale}
+  out["loss_orig"] = losses.contrastive_loss(image_emb, text_emb, scale)
+  if model.multi_label:
+    noun_emb = model.encode_text(batch["nouns"], train)  # [B, M, D]
+    ml_scale = model.scale("multi_label_logit_scale")
+    out["loss_multi_label"] = losses.multi_label_loss(image_emb, noun_emb, ml_scale)
+    out["loss_orig"] = out["loss_orig"] + out["loss_multi_label"]
+    out["multi_label_logit_scale"] = ml_scale
+  if mixreorg:
+    restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
+    out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)
+    _, mixed_segment_emb = model.project_segments(segments[b:2 * b], train, update_stats=False)
+    assignment = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])  # [B, N, G]
+    out["loss_seg"], out["seg_acc"] = losses.seg_loss(assignment, mixed_segment_emb, text_emb, src, scale,
+                                                      config.mix.group_size)
+  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg)
+  return out

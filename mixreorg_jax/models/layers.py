@@ -1,0 +1,158 @@
+"""Transformer building blocks shared by the image and the text towers.
+
+Parameter names follow the Hugging Face `transformers` GroupViT closely (`layer_norm1`, `self_attn`, `mlp.fc1`, ...)
+so that public checkpoints convert with a short, explicit mapping (see `tools/convert_groupvit.py`). The one
+deliberate difference is a fused `qkv_proj` in self-attention (one matmul instead of three).
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+DENSE_INIT = nn.initializers.truncated_normal(stddev=0.02)
+LAYER_NORM_EPS = 1e-5
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def dense(features: int, dtype: Dtype, name: Optional[str] = None, **kwargs) -> nn.Dense:
+  """A float32-parameter Dense layer computing in `dtype`."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT, name=name, **kwargs)
+
+
+def layer_norm(name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: Optional[jax.Array]) -> jax.Array:
+  """Stochastic depth: zeroes whole samples of a residual branch `x` [B, ...] with probability `rate`."""
+  if deterministic or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """fc1 -> activation -> fc2 on the last axis."""
+  hidden_dim: int
+  out_dim: Optional[int] = None
+  act: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_dim = self.out_dim or x.shape[-1]
+    x = dense(self.hidden_dim, self.dtype, name="fc1")(x)
+    x = ACTIVATIONS[self.act](x)
+    return dense(out_dim, self.dtype, name="fc2")(x)
+
+
+class MixerMlp(nn.Module):
+  """An Mlp over the token axis: [B, S_in, C] -> [B, S_out, C] (GroupViT's token-mixing MLP)."""
+  hidden_dim: int
+  out_tokens: int
+  act: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.swapaxes(x, 1, 2)  # [B, C, S_in]
+    x = Mlp(self.hidden_dim, self.out_tokens, self.act, self.dtype, name="mlp")(x)
+    return jnp.swapaxes(x, 1, 2)  # [B, S_out, C]
+
+
+def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, C] -> [B, T, heads, C / heads]."""
+  b, t, c = x.shape
+  return x.reshape(b, t, num_heads, c // num_heads)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection; optionally causal."""
+  num_heads: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, c = x.shape
+    qkv = dense(3 * c, self.dtype, name="qkv_proj")(x)  # [B, T, 3C]
+    q, k, v = (_split_heads(y, self.num_heads) for y in jnp.split(qkv, 3, axis=-1))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, heads, C / heads]
+    return dense(c, self.dtype, name="out_proj")(out.reshape(b, t, c))
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention from `query` [B, S, C] to `context` [B, N, C]."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query, context):
+    b, s, c = query.shape
+    q = _split_heads(dense(c, self.dtype, name="q_proj")(query), self.num_heads)
+    kv = dense(2 * c, self.dtype, name="kv_proj")(context)
+    k, v = (_split_heads(y, self.num_heads) for y in jnp.split(kv, 2, axis=-1))
+    out = jax.nn.dot_product_attention(q, k, v)
+    return dense(c, self.dtype, name="out_proj")(out.reshape(b, s, c))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm Transformer block: x + attn(LN(x)), then x + mlp(LN(x)), with stochastic depth."""
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  causal: bool = False
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    deterministic = not train or self.drop_path_rate == 0.0
+    rng = lambda: None if deterministic else self.make_rng("dropout")  # noqa: E731
+    y = SelfAttention(self.num_heads, self.causal, self.dtype, name="self_attn")(layer_norm("layer_norm1")(x))
+    x = x + drop_path(y, self.drop_path_rate, deterministic, rng())
+    y = Mlp(self.mlp_dim, act=self.act, dtype=self.dtype, name="mlp")(layer_norm("layer_norm2")(x))
+    return x + drop_path(y, self.drop_path_rate, deterministic, rng())
+
+
+def encoder_layer_cls(remat: bool):
+  """EncoderLayer, rematerialised per block when `remat` (config.model.remat)."""
+  return nn.remat(EncoderLayer, static_argnums=(2,)) if remat else EncoderLayer
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] weights of 1-D bicubic resizing as torch's `interpolate(mode='bicubic', align_corners=False)`.
+
+  Uses the Keys kernel with a = -0.75 and border clamping, which is what GroupViT (and DINO-style ViTs) use to
+  resize position embeddings; `jax.image.resize` uses a = -0.5, so it would not reproduce converted checkpoints.
+  """
+  a = -0.75
+
+  def kernel(d):
+    d = abs(d)
+    if d <= 1:
+      return ((a + 2) * d - (a + 3)) * d * d + 1
+    if d < 2:
+      return (((d - 5) * d + 8) * d - 4) * a
+    return 0.0
+
+  scale = in_size / out_size
+  weights = np.zeros((out_size, in_size), np.float64)
+  for o in range(out_size):
+    src = (o + 0.5) * scale - 0.5
+    base = int(np.floor(src))
+    t = src - base
+    for offset in range(-1, 3):
+      weights[o, min(max(base + offset, 0), in_size - 1)] += kernel(offset - t)
+  return weights.astype(np.float32)
