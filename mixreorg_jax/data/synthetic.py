@@ -1,0 +1,268 @@
+"""Synthetic shapes-and-captions data: training shards plus segmentation sets in VOC layout.
+
+  python -m mixreorg_jax.data.synthetic --out=data/synthetic [--num_train=8000 --num_val=200 --num_test=500
+      --image_size=64 --seed=0]
+  python -m mixreorg_jax.data.synthetic --out=unused --spm_out=mixreorg_jax/data/assets/synthetic_spm
+      (re-fits the shipped SentencePiece model to the caption generator)
+
+writes, seeded and reproducible:
+  DIR/train-0000K-of-0000N.tfrecord   tf.train.Example with jpg (JPEG bytes), txt (caption), nouns (bytes list)
+  DIR/voc_val/ and DIR/voc/           VOC layout: JPEGImages/*.jpg, SegmentationClass/*.png (palette PNG),
+                                      ImageSets/Segmentation/val.txt, class_names.txt (line 0 = background)
+  DIR/COMPLETE                        the generation arguments, written last (`ensure_synthetic_data` checks it)
+
+Each image has 1-3 objects (a shape class, each with its own colour family) on a textured background. Captions
+name the objects through varied templates with distractor words, so a tiny model learns to ground the shape
+words in a few minutes on a CPU. The train split, the tuning split (voc_val) and the held-out split (voc) use
+separate random streams of the same seed.
+"""
+import argparse
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASS_NAMES = ("background", "circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent")
+# One colour family per class (RGB centre; each object jitters it), so colour and shape agree as in real data.
+CLASS_COLOURS = {
+    "circle": ("red", (220, 40, 40)), "square": ("blue", (40, 70, 220)), "triangle": ("green", (40, 180, 60)),
+    "star": ("yellow", (235, 215, 40)), "cross": ("purple", (150, 50, 190)), "ring": ("orange", (245, 140, 30)),
+    "diamond": ("cyan", (40, 210, 220)), "crescent": ("pink", (240, 120, 190)),
+}
+CAPTION_TEMPLATES = (
+    "a photo of {}.", "{} on a {bg} background.", "there is {} in this picture.", "an image showing {}.",
+    "my drawing of {}, {adj} and simple.", "look at {}!", "{} seen from above.", "a {adj} picture with {}.",
+    "close-up of {} on {bg} paper.", "{}", "today i found {} on the {bg} table.", "a blurry snapshot of {}.",
+)
+ADJECTIVES = ("nice", "small", "bright", "old", "colourful", "quick", "lovely", "plain")
+BACKGROUNDS = ("grey", "striped", "dotted", "noisy", "wooden", "dark", "light", "checkered")
+SPLIT_STREAMS = {"train": 0, "voc_val": 1, "voc": 2}  # independent random streams per split.
+NUM_TRAIN_SHARDS = 8
+
+
+def voc_palette() -> list:
+  """The PASCAL VOC colour map as a flat 768-long PIL palette (index 255 = ignore, drawn white)."""
+  palette = np.zeros((256, 3), np.uint8)
+  for i in range(256):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    palette[i] = (r, g, b)
+  palette[255] = (255, 255, 255)
+  return palette.reshape(-1).tolist()
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+  """A low-saturation textured background: stripes, checks, blobs or noise. Returns uint8 [size, size, 3]."""
+  base = rng.uniform(70, 190, size=3)
+  alt = np.clip(base + rng.uniform(-45, 45, size=3), 0, 255)
+  yy, xx = np.mgrid[:size, :size]
+  kind = rng.integers(4)
+  period = rng.integers(4, 12)
+  if kind == 0:  # stripes at a random angle
+    theta = rng.uniform(0, np.pi)
+    mask = (np.cos(theta) * xx + np.sin(theta) * yy) // period % 2 == 0
+  elif kind == 1:  # checker board
+    mask = (xx // period + yy // period) % 2 == 0
+  elif kind == 2:  # smooth blobs from upsampled noise
+    coarse = rng.random((size // 8 + 1, size // 8 + 1))
+    mask = np.kron(coarse, np.ones((8, 8)))[:size, :size] > 0.5
+  else:
+    mask = rng.random((size, size)) > 0.5
+  img = np.where(mask[..., None], base, alt)
+  img += rng.normal(0, 8, size=img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _polygon(name: str, cx: float, cy: float, r: float, rot: float) -> list:
+  """Vertices of the polygonal classes (square, triangle, star, cross, diamond) around (cx, cy)."""
+  if name == "square":
+    angles, radii = np.arange(4) * np.pi / 2 + np.pi / 4, [r] * 4
+  elif name == "triangle":
+    angles, radii = np.arange(3) * 2 * np.pi / 3 - np.pi / 2, [r] * 3
+  elif name == "diamond":
+    angles, radii = np.arange(4) * np.pi / 2, [r, 0.6 * r, r, 0.6 * r]
+  elif name == "star":
+    angles, radii = np.arange(10) * np.pi / 5 - np.pi / 2, [r, 0.45 * r] * 5
+  elif name == "cross":
+    w = 0.35 * r
+    pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w),
+           (-w, r)]
+    angles = [np.arctan2(y, x) for x, y in pts]
+    radii = [np.hypot(x, y) for x, y in pts]
+  else:
+    raise ValueError(name)
+  return [(cx + rad * np.cos(a + rot), cy + rad * np.sin(a + rot)) for a, rad in zip(angles, radii)]
+
+
+def _draw(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, rot: float, fill) -> None:
+  box = (cx - r, cy - r, cx + r, cy + r)
+  if name == "circle":
+    draw.ellipse(box, fill=fill)
+  elif name == "ring":
+    draw.ellipse(box, outline=fill, width=max(2, int(r * 0.4)))
+  elif name == "crescent":
+    draw.ellipse(box, fill=fill)  # the caller cuts the bite out
+  else:
+    draw.polygon(_polygon(name, cx, cy, r, rot), fill=fill)
+
+
+def render_example(rng: np.random.Generator, image_size: int):
+  """One scene. Returns (image uint8 [S,S,3], label uint8 [S,S] with 0 = background, class names in the image)."""
+  img = Image.fromarray(_texture(rng, image_size))
+  label = Image.new("L", (image_size, image_size), 0)
+  draw, ldraw = ImageDraw.Draw(img), ImageDraw.Draw(label)
+  num = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+  classes = rng.choice(np.arange(1, len(CLASS_NAMES)), size=num, replace=False)
+  for c in classes:
+    name = CLASS_NAMES[c]
+    r = rng.uniform(0.14, 0.26) * image_size
+    cx, cy = rng.uniform(r, image_size - r, size=2)
+    rot = rng.uniform(0, 2 * np.pi)
+    colour = tuple(int(v) for v in np.clip(np.array(CLASS_COLOURS[name][1]) + rng.normal(0, 15, 3), 0, 255))
+    before_img, before_label = np.array(img), np.array(label)
+    _draw(draw, name, cx, cy, r, rot, colour)
+    _draw(ldraw, name, cx, cy, r, rot, int(c))
+    if name == "crescent":  # a disc with an offset bite: pixels under the bite go back to what was there
+      bite = Image.new("L", img.size, 0)
+      ox, oy = 0.55 * r * np.cos(rot), 0.55 * r * np.sin(rot)
+      ImageDraw.Draw(bite).ellipse((cx + ox - 0.8 * r, cy + oy - 0.8 * r, cx + ox + 0.8 * r, cy + oy + 0.8 * r),
+                                   fill=1)
+      b = np.array(bite).astype(bool)
+      im, lab = np.array(img), np.array(label)
+      im[b], lab[b] = before_img[b], before_label[b]
+      img, label = Image.fromarray(im), Image.fromarray(lab)
+      draw, ldraw = ImageDraw.Draw(img), ImageDraw.Draw(label)
+  names = [CLASS_NAMES[c] for c in classes]
+  return np.array(img), np.array(label), names
+
+
+def make_caption(rng: np.random.Generator, names: list) -> str:
+  """A natural-ish caption that names every object, sometimes with its colour, plus distractor words."""
+  phrases = []
+  for n in names:
+    colour = CLASS_COLOURS[n][0]
+    words = [n] if rng.random() < 0.5 else [colour, n]
+    if rng.random() < 0.3:
+      words.insert(0, str(rng.choice(ADJECTIVES)))
+    phrases.append(("an " if words[0][0] in "aeiou" else "a ") + " ".join(words))
+  if len(phrases) == 1:
+    objs = phrases[0]
+  else:
+    objs = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+  template = str(rng.choice(CAPTION_TEMPLATES))
+  return template.format(objs, bg=rng.choice(BACKGROUNDS), adj=rng.choice(ADJECTIVES))
+
+
+def _jpeg(array: np.ndarray, quality: int = 92) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, "JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def _rng(seed: int, split: str) -> np.random.Generator:
+  return np.random.default_rng([seed, SPLIT_STREAMS[split]])
+
+
+def write_train_shards(out_dir: str, num_examples: int, image_size: int, seed: int,
+                       num_shards: int = NUM_TRAIN_SHARDS) -> list:
+  """Writes the captioned training shards; returns their paths."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mixreorg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  rng = _rng(seed, "train")
+  paths = [os.path.join(out_dir, f"train-{i:05d}-of-{num_shards:05d}.tfrecord") for i in range(num_shards)]
+  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  try:
+    for i in range(num_examples):
+      image, _, names = render_example(rng, image_size)
+      caption = make_caption(rng, names)
+      writers[i % num_shards].write(preprocess.make_example(
+          {"jpg": _jpeg(image), "txt": caption.encode(), "nouns": [n.encode() for n in names]}))
+  finally:
+    for w in writers:
+      w.close()
+  return paths
+
+
+def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, split: str) -> None:
+  """A segmentation set in VOC layout under root (split names the random stream: voc_val or voc)."""
+  rng = _rng(seed, split)
+  for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+  palette = voc_palette()
+  ids = []
+  for i in range(num_examples):
+    image, label, _ = render_example(rng, image_size)
+    name = f"{split}_{i:06d}"
+    ids.append(name)
+    with open(os.path.join(root, "JPEGImages", name + ".jpg"), "wb") as f:
+      f.write(_jpeg(image, quality=95))
+    png = Image.fromarray(label, mode="P")
+    png.putpalette(palette)
+    png.save(os.path.join(root, "SegmentationClass", name + ".png"))
+  with open(os.path.join(root, "ImageSets/Segmentation/val.txt"), "w") as f:
+    f.write("\n".join(ids) + "\n")
+  with open(os.path.join(root, "class_names.txt"), "w") as f:
+    f.write("\n".join(CLASS_NAMES) + "\n")
+
+
+def ensure_synthetic_data(out_dir: str, num_train: int = 8000, num_val: int = 200, num_test: int = 500,
+                          image_size: int = 64, seed: int = 0) -> str:
+  """Generates the synthetic data into out_dir unless a complete copy with the same arguments is there.
+
+  Returns the glob of the training shards. Safe to call from every host: each writes the same bytes.
+  """
+  args = dict(num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed)
+  marker = os.path.join(out_dir, "COMPLETE")
+  pattern = os.path.join(out_dir, "train-*-of-*.tfrecord")
+  if os.path.exists(marker):
+    with open(marker) as f:
+      if json.load(f) == args:
+        return pattern
+  os.makedirs(out_dir, exist_ok=True)
+  write_train_shards(out_dir, num_train, image_size, seed)
+  write_voc_split(os.path.join(out_dir, "voc_val"), num_val, image_size, seed, "voc_val")
+  write_voc_split(os.path.join(out_dir, "voc"), num_test, image_size, seed, "voc")
+  with open(marker, "w") as f:
+    json.dump(args, f)
+  return pattern
+
+
+def sample_captions(num: int, seed: int = 0) -> list:
+  """Captions drawn like the training ones (without rendering images); used to fit the SentencePiece model."""
+  rng = np.random.default_rng([seed, 99])
+  out = []
+  for _ in range(num):
+    k = int(rng.choice([1, 2, 3]))
+    names = [CLASS_NAMES[c] for c in rng.choice(np.arange(1, len(CLASS_NAMES)), size=k, replace=False)]
+    out.append(make_caption(rng, names))
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--num_train", type=int, default=8000)
+  parser.add_argument("--num_val", type=int, default=200, help="images in DIR/voc_val (for tuning)")
+  parser.add_argument("--num_test", type=int, default=500, help="images in DIR/voc (held out)")
+  parser.add_argument("--image_size", type=int, default=64)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--spm_out", default="", help="instead: fit the SentencePiece model to this prefix")
+  parser.add_argument("--spm_vocab_size", type=int, default=256)
+  a = parser.parse_args(argv)
+  if a.spm_out:
+    from mixreorg_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    path = tokenizers.train_sentencepiece(sample_captions(20000, a.seed), a.spm_out, a.spm_vocab_size)
+    print(f"wrote {path}")
+    return
+  pattern = ensure_synthetic_data(a.out, a.num_train, a.num_val, a.num_test, a.image_size, a.seed)
+  print(f"synthetic data ready: {pattern}, {a.out}/voc_val, {a.out}/voc")
+
+
+if __name__ == "__main__":
+  main()
