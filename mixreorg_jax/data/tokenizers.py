@@ -90,7 +90,7 @@ def read_clip_bpe(path: str):
   """Vocabulary list and merge ranks from CLIP's gzipped merges file (the first line is a header)."""
   with tf.io.gfile.GFile(path, "rb") as f:
     lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
-  merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+  merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1] if line.strip()]
   base = list(byte_to_unicode().values())
   vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
   return vocab, merges
