@@ -289,13 +289,18 @@ def convert_state_dict(state: Mapping[str, np.ndarray],
     raise KeyError(f"Unexpected tensor(s) in the checkpoint (not in config.json's architecture): {unexpected}.")
   flat = {}
   for path, rule in table.items():
-    parts = [rule.transform(np.asarray(state[name], np.float32)) for name in rule.sources]
-    value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-    if value.shape != shapes[path]:
-      given = {name: tuple(np.shape(state[name])) for name in rule.sources}
-      raise ValueError(f"Tensor {' + '.join(rule.sources)} has shape {given}, which maps to {value.shape} but "
-                       f"{path} expects {shapes[path]} (check config.json against the weights).")
-    flat[path] = value
+    # A fused parameter splits evenly along its last axis, one part per source tensor.
+    fused = len(rule.sources) > 1
+    part_shape = shapes[path][:-1] + (shapes[path][-1] // len(rule.sources),) if fused else shapes[path]
+    parts = []
+    for name in rule.sources:
+      part = rule.transform(np.asarray(state[name], np.float32))
+      if part.shape != part_shape:
+        raise ValueError(
+            f"Tensor {name} has shape {tuple(np.shape(state[name]))}, which maps to {part.shape}, but {path} "
+            f"expects {part_shape}{' per fused part' if fused else ''} (check config.json against the weights).")
+      parts.append(part)
+    flat[path] = np.concatenate(parts, axis=-1) if fused else parts[0]
   return _unflatten(flat)
 
 
