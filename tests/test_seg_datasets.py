@@ -149,12 +149,16 @@ def test_context_with_its_label_mapping(tmp_path):
   _write_jpg(os.path.join(folder, "JPEGImages/2008_000002.jpg"), 2, 3)
   os.makedirs(os.path.join(folder, "trainval"))
   scipy.io.savemat(os.path.join(folder, "trainval/2008_000002.mat"), {"LabelMap": full})
-  _write_split(os.path.join(folder, "ImageSets/SegmentationContext/val.txt"), ["2008_000002"])
+  # The same labels as a 16-bit PNG of full ids, for a second image.
+  _write_jpg(os.path.join(folder, "JPEGImages/2008_000003.jpg"), 2, 3)
+  Image.fromarray(full).save(os.path.join(folder, "trainval/2008_000003.png"))
+  _write_split(os.path.join(folder, "ImageSets/SegmentationContext/val.txt"), ["2008_000002", "2008_000003"])
   want = np.array([[0, 1, 0], [59, 55, 0]], np.uint8)
   assert sd.CONTEXT59_CLASSES[55 - 1] == "tvmonitor"
 
   ds = sd.pascal_context(folder, full_labels="trainval")
-  np.testing.assert_array_equal(next(iter(ds))[2], want)
+  for _, _, label in ds:
+    np.testing.assert_array_equal(label, want)
 
   # labels.txt of the release: mapping by name gives the same table as the built-in ids ...
   release = str(tmp_path / "labels.txt")
@@ -290,3 +294,19 @@ def test_ade20k_shifts_ids_and_ignores_other(tmp_path):
 def test_scene_parse150_not_prepared_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="not prepared"):
     sd.scene_parse150(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,classes,threshold", [
+    ("voc", 21, 0.95), ("context", 60, 0.35), ("coco_object", 81, 0.95), ("ade20k", 150, -1.0),
+    ("voc_layout", 0, 0.95)])
+def test_eval_configs_are_locked_and_explicit(name, classes, threshold):
+  import importlib
+  module = importlib.import_module(f"configs.eval.{name}")
+  config = module.get_config()
+  assert len(config.class_names) == classes and config.bg_threshold == threshold
+  assert config.with_background == (threshold > 0)
+  assert config.prompt_templates == ("a photo of a {}.",) and len(module.get_config("full").prompt_templates) == 80
+  assert (config.top_k_classes, config.short_side, config.window, config.stride) == (5, 448, 448, 224)
+  with pytest.raises(AttributeError):
+    config.data.rooot = "/data"  # a typo is an error, not a new key.
