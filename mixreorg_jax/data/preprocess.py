@@ -3,9 +3,9 @@
 Every record is checked before it is decoded, from its bytes alone, so that a corrupt or hostile record costs
 no more than reading its header:
   * the format comes from the magic bytes (JPEG, PNG, GIF, WebP, BMP); anything else is `unknown_format`;
-  * the width and height come from the header (the JPEG SOF segment is found by walking the marker segments in a
-    bounded tf.while_loop; PNG/GIF/WebP/BMP keep them at fixed offsets), so a 30000x30000 header is refused
-    (`too_large`) before a single pixel is allocated;
+  * the width and height come from the header (tf.image.extract_jpeg_shape reads the JPEG markers only;
+    PNG/GIF/WebP/BMP keep them at fixed offsets), so a 30000x30000 header is refused (`too_large`) before a
+    single pixel is allocated;
   * a JPEG without its end-of-image marker, a PNG without IEND and a GIF without its trailer are `truncated`;
   * captions that are not UTF-8 or are empty after stripping are refused.
 `validate_example` returns the index of the reason in REASONS (0 = ok); the pipeline counts them.
@@ -25,7 +25,6 @@ REASON_ID = {r: i for i, r in enumerate(REASONS)}
 FORMATS = ("unknown", "jpeg", "png", "gif", "webp", "bmp")
 MIN_IMAGE_SIDE = 4  # images smaller than this (e.g. 1x1 pixels) carry no content worth a crop.
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger headers are refused before decoding (memory stays bounded).
-_MAX_JPEG_SEGMENTS = 64  # marker segments walked before the SOF; real files have fewer than ~20.
 _PAD = b"\0" * 64
 
 
@@ -45,10 +44,9 @@ def make_example(features: Dict[str, object]) -> bytes:
 # ---------------------------------------------------------------------------------------------- header checks
 
 
-def _byte_at(data: tf.Tensor, i) -> tf.Tensor:
-  """data[i] as int32, or 0 past the end (never raises). data: uint8 [n], n >= 1 (callers pad)."""
-  n = tf.shape(data)[0]
-  return tf.where(i < n, tf.cast(tf.gather(data, tf.clip_by_value(i, 0, n - 1)), tf.int32), 0)
+def _byte_at(data: tf.Tensor, i: int) -> tf.Tensor:
+  """data[i] as int32; data is the zero-padded 64-byte head, so fixed offsets are always in bounds."""
+  return tf.cast(data[i], tf.int32)
 
 
 def _be16(data, i):
@@ -57,34 +55,6 @@ def _be16(data, i):
 
 def _le16(data, i):
   return _byte_at(data, i) + _byte_at(data, i + 1) * 256
-
-
-def _jpeg_header(data: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Walks the JPEG marker segments up to the first SOF. Returns (height, width, ok) as int32/int32/bool."""
-  n = tf.shape(data)[0]
-
-  def cond(pos, h, w, done, ok, step):
-    return tf.logical_and(tf.logical_not(done), step < _MAX_JPEG_SEGMENTS)
-
-  def body(pos, h, w, done, ok, step):
-    bad = tf.logical_or(pos + 4 > n, tf.not_equal(_byte_at(data, pos), 0xFF))
-    marker = _byte_at(data, pos + 1)
-    is_sof = tf.logical_and(tf.logical_and(marker >= 0xC0, marker <= 0xCF),
-                            tf.logical_and(tf.not_equal(marker, 0xC4),
-                                           tf.logical_and(tf.not_equal(marker, 0xC8), tf.not_equal(marker, 0xCC))))
-    standalone = tf.logical_or(tf.logical_and(marker >= 0xD0, marker <= 0xD7), tf.equal(marker, 0x01))
-    fill = tf.equal(marker, 0xFF)
-    stop = tf.logical_or(bad, tf.logical_or(is_sof, tf.logical_or(tf.equal(marker, 0xD9), tf.equal(marker, 0xDA))))
-    seg_len = _be16(data, pos + 2)
-    next_pos = tf.where(fill, pos + 1, tf.where(standalone, pos + 2, pos + 2 + seg_len))
-    found = tf.logical_and(tf.logical_not(bad), tf.logical_and(is_sof, pos + 9 <= n))
-    return (next_pos, tf.where(found, _be16(data, pos + 5), h), tf.where(found, _be16(data, pos + 7), w), stop,
-            found, step + 1)
-
-  zero = tf.constant(0, tf.int32)
-  _, h, w, _, ok, _ = tf.while_loop(cond, body, (tf.constant(2), zero, zero, tf.constant(False), tf.constant(False),
-                                                 zero))
-  return h, w, ok
 
 
 def _tail_has(data: tf.Tensor, pattern: Sequence[int], window: int) -> tf.Tensor:
@@ -98,11 +68,9 @@ def _tail_has(data: tf.Tensor, pattern: Sequence[int], window: int) -> tf.Tensor
   return tf.reduce_any(hit)
 
 
-def _starts_with(data: tf.Tensor, prefix: bytes, offset: int = 0) -> tf.Tensor:
-  ok = tf.constant(True)
-  for j, b in enumerate(prefix):
-    ok = tf.logical_and(ok, tf.equal(_byte_at(data, offset + j), b))
-  return ok
+def _has_bytes(encoded: tf.Tensor, prefix: bytes, offset: int = 0) -> tf.Tensor:
+  """encoded[offset:offset+len(prefix)] == prefix, as one string op."""
+  return tf.equal(tf.strings.substr(encoded, offset, len(prefix)), prefix)
 
 
 def image_header(encoded: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -111,24 +79,29 @@ def image_header(encoded: tf.Tensor) -> Dict[str, tf.Tensor]:
   Returns dict(format=int32 index into FORMATS, height, width (int32, 0 if unknown), header_ok, complete (bool)).
   """
   # Fixed-offset formats need the first 30 bytes; zero padding keeps short or empty records in bounds.
-  head = tf.io.decode_raw(tf.strings.substr(encoded + _PAD, 0, 64), tf.uint8)
+  head = tf.io.decode_raw(tf.strings.substr(encoded + _PAD, 0, 64), tf.uint8)  # >= 64 bytes: plain indexing
   n = tf.strings.length(encoded)
-  is_jpeg = _starts_with(head, b"\xff\xd8\xff")
-  is_png = _starts_with(head, b"\x89PNG\r\n\x1a\n")
-  is_gif = tf.logical_or(_starts_with(head, b"GIF87a"), _starts_with(head, b"GIF89a"))
-  is_webp = tf.logical_and(_starts_with(head, b"RIFF"), _starts_with(head, b"WEBP", 8))
-  is_bmp = _starts_with(head, b"BM")
+  padded = encoded + _PAD
+  is_jpeg = _has_bytes(padded, b"\xff\xd8\xff")
+  is_png = _has_bytes(padded, b"\x89PNG\r\n\x1a\n")
+  is_gif = tf.logical_or(_has_bytes(padded, b"GIF87a"), _has_bytes(padded, b"GIF89a"))
+  is_webp = tf.logical_and(_has_bytes(padded, b"RIFF"), _has_bytes(padded, b"WEBP", 8))
+  is_bmp = _has_bytes(padded, b"BM")
   fmt = tf.argmax(tf.stack([tf.constant(False), is_jpeg, is_png, is_gif, is_webp, is_bmp])) * tf.cast(
       tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif, is_webp, is_bmp])), tf.int64)
   fmt = tf.cast(fmt, tf.int32)
   tail = tf.io.decode_raw(tf.strings.substr(encoded, tf.maximum(n - 64, 0), 64), tf.uint8)
 
   def jpeg():
-    h, w, ok = _jpeg_header(tf.io.decode_raw(encoded + _PAD, tf.uint8)[:n])
-    return h, w, ok, _tail_has(tail, (0xFF, 0xD9), 64)
+    # Reads only the markers up to SOF. A header too broken to parse raises here; the pipeline's ignore_errors
+    # drops the record and its index gap is counted as decode_error.
+    # Truncated files (no end-of-image marker) are refused without parsing them.
+    complete = _tail_has(tail, (0xFF, 0xD9), 64)
+    shape = tf.cond(complete, lambda: tf.image.extract_jpeg_shape(encoded), lambda: tf.zeros([3], tf.int32))
+    return shape[0], shape[1], tf.constant(True), complete
 
   def png():
-    ok = _starts_with(head, b"IHDR", 12)
+    ok = _has_bytes(padded, b"IHDR", 12)
     h = _be16(head, 20) * 65536 + _be16(head, 22)
     w = _be16(head, 16) * 65536 + _be16(head, 18)
     return h, w, ok, _tail_has(tail, tuple(b"IEND"), 64)
@@ -137,8 +110,8 @@ def image_header(encoded: tf.Tensor) -> Dict[str, tf.Tensor]:
     return _le16(head, 8), _le16(head, 6), tf.constant(True), _tail_has(tail, (0x3B,), 8)
 
   def webp():
-    vp8x, vp8l = _starts_with(head, b"VP8X", 12), _starts_with(head, b"VP8L", 12)
-    lossy = _starts_with(head, b"VP8 ", 12)
+    vp8x, vp8l = _has_bytes(padded, b"VP8X", 12), _has_bytes(padded, b"VP8L", 12)
+    lossy = _has_bytes(padded, b"VP8 ", 12)
     # VP8X: 24-bit (width - 1, height - 1); VP8L: 14-bit fields after the 0x2f signature; VP8: 14-bit fields.
     wx = _le16(head, 24) + _byte_at(head, 26) * 65536 + 1
     hx = _le16(head, 27) + _byte_at(head, 29) * 65536 + 1
@@ -232,7 +205,7 @@ def train_image(encoded: tf.Tensor, header: Dict[str, tf.Tensor], seed: tf.Tenso
                  lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=3),
                  lambda: tf.image.crop_to_bounding_box(decode_rgb(encoded), window[0], window[1], window[2],
                                                        window[3]))
-  image = tf.image.resize(crop, (image_size, image_size), method="bilinear", antialias=True)
+  image = tf.image.resize(crop, (image_size, image_size), method="bilinear", antialias=False)
   image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if jitter:
     image = color_jitter(image / 255.0, jitter, seeds[2]) * 255.0
