@@ -1,0 +1,163 @@
+"""Unit tests of the GroupViT modules: straight-through assignment, Gumbel noise, shapes, resizing, dtypes, size."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import groupvit_gcc_yfcc
+from mixreorg_jax.models import grouping
+from mixreorg_jax.models import groupvit
+from mixreorg_jax.models import layers
+from mixreorg_jax.models import vision
+from tests import helpers
+
+
+def init_model(config, batch=2):
+  model = groupvit.GroupViT.from_config(config.model)
+  batch = helpers.random_batch(config, batch_size=batch)
+  variables = jax.jit(model.init)(jax.random.key(0), batch["image"], batch["text"])
+  return model, variables, batch
+
+
+@functools.lru_cache
+def _jitted_encode_image(model, train):
+  return jax.jit(functools.partial(model.apply, method=groupvit.GroupViT.encode_image, train=train,
+                                   mutable=["batch_stats"]))
+
+
+def encode_image(model, variables, images, train=False, seed=0):
+  """Jitted GroupViT.encode_image (eager flax is slow); train mode draws Gumbel noise from `seed`."""
+  rngs = {"gumbel": jax.random.key(seed), "dropout": jax.random.key(seed)}
+  return _jitted_encode_image(model, train)(variables, images, rngs=rngs)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return init_model(helpers.tiny_config())
+
+
+def assert_one_hot(x, axis=-1):
+  x = np.asarray(x)
+  np.testing.assert_allclose(x.sum(axis), 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.minimum(np.abs(x), np.abs(x - 1.0)), 0.0, atol=1e-6)
+
+
+def test_straight_through_gradient_is_the_soft_gradient():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  weights = jax.random.normal(jax.random.key(1), (2, 5, 7))
+
+  def loss(x, hard):
+    return (grouping.assignment_probs(x, axis=1, hard=hard, gumbel_rng=None) * weights).sum()
+
+  assert_one_hot(grouping.assignment_probs(logits, axis=1, hard=True, gumbel_rng=None), axis=1)
+  grad_hard, grad_soft = jax.grad(loss)(logits, True), jax.grad(loss)(logits, False)
+  assert np.abs(np.asarray(grad_hard)).min() > 0.0  # reaches every logit, although the forward is one-hot.
+  np.testing.assert_allclose(grad_hard, grad_soft, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_flows_through_hard_assign_attention():
+  attn = grouping.AssignAttention(hard=True, gumbel=True)
+  q, k = jax.random.normal(jax.random.key(0), (2, 4, 8)), jax.random.normal(jax.random.key(1), (2, 10, 8))
+  params = attn.init({"params": jax.random.key(2), "gumbel": jax.random.key(3)}, q, k, train=True)
+
+  def loss(p):
+    _, _, hard = attn.apply(p, q, k, train=True, rngs={"gumbel": jax.random.key(4)})
+    return (hard * jnp.arange(hard.size).reshape(hard.shape)).sum()
+
+  grads = jax.grad(loss)(params)["params"]
+  # Only the assignment logits (q_proj, k_proj) feed `hard`; their gradient comes through the straight-through.
+  assert float(jnp.abs(grads["q_proj"]["kernel"]).sum()) > 0.0
+  assert float(jnp.abs(grads["k_proj"]["kernel"]).sum()) > 0.0
+
+
+def test_gumbel_noise_is_a_function_of_the_rng():
+  logits = jnp.zeros((1, 8, 64))
+  draw = lambda seed: grouping.assignment_probs(  # noqa: E731
+      logits, axis=1, hard=True, gumbel_rng=jax.random.key(seed))
+  np.testing.assert_array_equal(draw(0), draw(0))
+  assert not np.array_equal(np.argmax(draw(0), 1), np.argmax(draw(1), 1))
+
+
+def test_model_gumbel_assignment_deterministic_given_rng(tiny):
+  model, variables, batch = tiny
+
+  def hard(seed):
+    enc = encode_image(model, variables, batch["image"], train=True, seed=seed)
+    return [np.asarray(a.hard) for a in enc.assignments]
+
+  first, again, other = hard(0), hard(0), hard(1)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_hard_assignments_are_one_hot_over_groups(tiny, train):
+  model, variables, batch = tiny
+  enc = encode_image(model, variables, batch["image"], train=train, seed=1)
+  for a in enc.assignments:
+    assert_one_hot(a.hard, axis=-1)
+    np.testing.assert_allclose(np.asarray(a.soft).sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_output_shapes(tiny, batch_size):
+  model, variables, _ = tiny
+  config = helpers.tiny_config()
+  batch = helpers.random_batch(config, batch_size=batch_size)
+  image, text, logits = jax.jit(model.apply)(variables, batch["image"], batch["text"])
+  d, b = config.model.projection_dim, batch_size
+  assert image.embedding.shape == (b, d) and text.shape == (b, d) and logits.shape == (b, b)
+  assert image.segment_embeddings.shape == (b, 4, d)
+  assert [a.soft.shape for a in image.assignments] == [(b, 16, 8), (b, 8, 4)]
+  assert [a.hard.shape for a in image.assignments] == [(b, 16, 8), (b, 8, 4)]
+  assert tuple(int(g) for g in image.grid) == (4, 4)  # jit returns the static grid as arrays.
+  np.testing.assert_allclose(np.linalg.norm(image.embedding, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (3, 5), (4, 4)])
+def test_position_embedding_resize_matches_torch_bicubic(grid):
+  torch = pytest.importorskip("torch")
+  pos = np.random.default_rng(0).normal(size=(1, 16, 5)).astype(np.float32)  # a 4 x 4 grid
+  ours = vision.resize_position_embeddings(jnp.asarray(pos), grid)
+  expected = torch.nn.functional.interpolate(
+      torch.from_numpy(pos.reshape(1, 4, 4, 5)).permute(0, 3, 1, 2), size=grid, mode="bicubic",
+      align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()
+  np.testing.assert_allclose(ours, expected, atol=1e-5)
+  np.testing.assert_allclose(layers.torch_bicubic_matrix(4, grid[0]).sum(1), 1.0, atol=1e-6)
+
+
+def test_other_input_resolution_runs(tiny):
+  model, variables, batch = tiny
+  images = jnp.zeros((2, 48, 40, 3))  # 6 x 5 patches instead of the 4 x 4 of pretraining.
+  enc = encode_image(model, variables, images)
+  assert enc.assignments[0].soft.shape == (2, 30, 8)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = helpers.tiny_config(**{"model.dtype": "bfloat16"})
+  model, variables, batch = init_model(config)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  (image, _, logits), inter = jax.jit(functools.partial(model.apply, capture_intermediates=True))(
+      variables, batch["image"], batch["text"])
+  assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(image.embedding)).all()
+  qkv = inter["intermediates"]["vision_model"]["stages_0"]["layers_0"]["self_attn"]["qkv_proj"]["__call__"][0]
+  assert qkv.dtype == jnp.bfloat16
+
+
+def test_reference_parameter_count_matches_transformers():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config = groupvit_gcc_yfcc.get_config()
+  model = groupvit.GroupViT.from_config(config.model)
+  size, length = config.model.vision.image_size, config.model.text.context_length
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+  with torch.device("meta"):
+    hf = transformers.GroupViTModel(transformers.GroupViTConfig())
+  theirs = sum(p.numel() for p in hf.parameters())
+  assert config.model.multi_label
+  assert ours == theirs + 1, (ours, theirs)  # + our multi_label_logit_scale
