@@ -30,8 +30,13 @@ def tokenizer_info(kind: str, path: str, context_length: int) -> Dict[str, Any]:
   return {"kind": kind, "path": str(path), "context_length": int(context_length)}
 
 
-def _to_numpy_tree(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+def _host_arrays(tree):
+  """Local arrays as numpy; arrays sharded over several hosts stay jax.Arrays (orbax writes them collectively)."""
+  def convert(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(convert, tree)
 
 
 def save_inference_checkpoint(directory: str, variables: Mapping[str, Any],
@@ -48,16 +53,17 @@ def save_inference_checkpoint(directory: str, variables: Mapping[str, Any],
     raise FileExistsError(f"{target} already exists; choose another output directory or delete it first.")
   if "params" not in variables:
     raise ValueError(f"variables must have a 'params' collection; got {sorted(variables)}.")
-  tree = {"params": _to_numpy_tree(variables["params"]),
-          "batch_stats": _to_numpy_tree(variables.get("batch_stats", {}))}
+  tree = {"params": _host_arrays(variables["params"]),
+          "batch_stats": _host_arrays(variables.get("batch_stats", {}))}
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, tree)
   config = {"model": model_config.to_dict()}
   if tokenizer is not None:
     config["tokenizer"] = tokenizer_info(tokenizer["kind"], tokenizer["path"], tokenizer["context_length"])
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:  # every host calls this (orbax saves collectively); one writes the config.
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
   return directory
 
 
