@@ -1,0 +1,270 @@
+r"""Pretrains MixReorg (or the GroupViT baseline) on image-caption data.
+
+  python -m mixreorg_jax.train --config=configs/demo.py --workdir=workdirs/demo [--config.key=value ...]
+
+Multi-host: run the same command on every host (launch/tpu_pod.sh, launch/slurm.sh); pass `--multihost` for
+`jax.distributed.initialize()` auto-detection, or `--coordinator_address/--num_processes/--process_id`
+(launch/local_cpu.sh does this on 127.0.0.1). The run resumes from the workdir's latest checkpoint, including the
+input position, and SIGTERM/SIGINT save a checkpoint at the current step before exiting.
+"""
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from mixreorg_jax import optim
+from mixreorg_jax import sharding
+from mixreorg_jax import train_step
+from mixreorg_jax.models import groupvit
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+FLAGS = flags.FLAGS
+
+
+class Preempted(Exception):
+  """Raised after a clean save when SIGTERM/SIGINT (or a pod preemption notice) arrived."""
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends scalars as one JSON object per line to `path` (read by plots, tests and the ablation script)."""
+
+  def __init__(self, path: str):
+    self._file = open(path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None): pass
+  def write_images(self, step, images): pass
+  def write_videos(self, step, videos): pass
+  def write_audios(self, step, audios, *, sample_rate): pass
+  def write_texts(self, step, texts): pass
+  def write_histograms(self, step, arrays, num_buckets=None): pass
+  def write_hparams(self, hparams): pass
+  def flush(self): self._file.flush()
+  def close(self): self._file.close()
+
+
+def initialize_distributed() -> None:
+  """Starts jax.distributed for multi-process runs; CPU processes talk over gloo."""
+  if FLAGS.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.multihost:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize()
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Every check that can fail before anything compiles, each naming the config key to change."""
+  from mixreorg_jax.data import tokenizers  # noqa: PLC0415  (TF is imported only when training)
+  train_step.check_batch(config, mesh)
+  if config.input.batch_size % jax.process_count():
+    raise ValueError(f"config.input.batch_size={config.input.batch_size} must divide over "
+                     f"{jax.process_count()} processes.")
+  v = config.model.vision
+  if config.input.image_size % v.patch_size:
+    raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of "
+                     f"config.model.vision.patch_size={v.patch_size}.")
+  if config.input.context_length > config.model.text.context_length:
+    raise ValueError(f"config.input.context_length={config.input.context_length} exceeds "
+                     f"config.model.text.context_length={config.model.text.context_length}.")
+  if config.model.multi_label and not config.input.num_nouns:
+    raise ValueError("config.model.multi_label=True needs config.input.num_nouns > 0.")
+  tokenizer = tokenizers.make_tokenizer(config.input)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="
+                     f"{config.model.text.vocab_size}.")
+  if tokenizer.eot_id != config.model.text.eot_id:
+    raise ValueError(f"The tokenizer's end-of-text id is {tokenizer.eot_id} but config.model.text.eot_id="
+                     f"{config.model.text.eot_id}.")
+  if config.eval.config and not os.path.exists(config.eval.config):
+    raise ValueError(f"config.eval.config={config.eval.config!r} does not exist; give a file in configs/eval/ "
+                     "or '' for no evaluation.")
+
+
+def input_state_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "input_state", f"step_{step}", f"process_{jax.process_index()}")
+
+
+def prune_input_states(workdir: str, keep_steps: List[int]) -> None:
+  root = os.path.join(workdir, "input_state")
+  if jax.process_index() or not os.path.isdir(root):
+    return
+  for name in os.listdir(root):
+    if int(name.split("_")[1]) not in keep_steps:
+      for f in os.listdir(os.path.join(root, name)):
+        os.remove(os.path.join(root, name, f))
+      os.rmdir(os.path.join(root, name))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Runs training to config.total_steps (resuming if possible), then the attached evaluation. -> final metrics."""
+  # ------------------------------------------------------------------------------------------- set-up
+  os.makedirs(workdir, exist_ok=True)
+  jax.config.update("jax_threefry_partitionable", True)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("Config:\n%s", config)
+
+  # ------------------------------------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+  if not config.input.data_dir and not config.input.datasets:
+    from mixreorg_jax.data import synthetic  # noqa: PLC0415
+    if jax.process_index() == 0:
+      synthetic.ensure_synthetic_data(config.input.synthetic_dir)
+    _sync("synthetic data")  # the input pipeline then finds it complete on every host.
+  validate_config(config, mesh)
+
+  # ------------------------------------------------------------------------------------------- data
+  from mixreorg_jax.data import input_pipeline  # noqa: PLC0415
+  train_iter = input_pipeline.make_train_iterator(config.input)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ------------------------------------------------------------------------------------------- model init
+  model = groupvit.GroupViT.from_config(config.model)
+  tx, schedule = optim.make_optimizer(config.optim, config.input.batch_size, config.total_steps)
+  abstract = train_step.abstract_state(config, model, tx)
+  state_shardings = sharding.state_shardings(mesh, abstract)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(abstract.params, include_stats=False)
+
+  # ------------------------------------------------------------------------------------------- restore
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_ckpts, enable_async_checkpointing=True, create=True))
+  latest = manager.latest_step()
+  if latest is None:
+    state = train_step.jit_init_state(config, model, tx, state_shardings)(jax.random.key(config.seed))
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                          state_shardings)
+    state = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    path = input_state_path(workdir, latest)
+    if os.path.exists(path + ".index"):
+      train_iter.restore_state(path)
+    else:
+      logging.warning("No input position for step %d on process %d (the process count changed?); the input "
+                      "restarts from the beginning of its shuffle.", latest, jax.process_index())
+    logging.info("Resumed from step %d", latest)
+  first_step = int(jax.device_get(state.step))
+
+  def save(step: int, force: bool = False) -> None:
+    if not np.isfinite(float(jax.device_get(optax.global_norm(state.params)))):
+      raise FloatingPointError(f"Refusing to checkpoint non-finite parameters at step {step}.")
+    train_iter.save_state(input_state_path(workdir, step))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+    prune_input_states(workdir, list(manager.all_steps()) + [step])
+
+  # ------------------------------------------------------------------------------------------- the jitted step
+  step_fn = train_step.jit_train_step(config, model, tx, schedule, mesh, state_shardings)
+  t0 = time.time()
+  compiled = step_fn.lower(state, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((config.input.batch_size,) + x.shape[1:], x.dtype, sharding=batch_sharding),
+      train_step.example_batch(config, 1))).compile()
+  logging.info("Compiled the train step in %.1f s", time.time() - t0)
+  writer.write_scalars(first_step, {"compile_seconds": time.time() - t0})
+
+  # ------------------------------------------------------------------------------------------- the loop
+  stop = {"signal": None}
+  if jax.process_count() == 1:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, lambda signum, _: stop.update(signal=signum))
+  hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                           every_steps=config.log_steps)]
+  if config.profile_steps and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
+                                          first_profile=first_step + config.log_steps))
+  pending: List[Dict[str, jax.Array]] = []
+  window_start = time.time()
+  for step in range(first_step + 1, config.total_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
+      state, metrics = compiled(state, batch)
+    pending.append(metrics)
+    for hook in hooks:
+      hook(step)
+    if step % config.log_steps == 0 or step == config.total_steps:
+      fetched = jax.device_get(pending)  # one host sync per log window, not per step.
+      summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+                 if k not in ("skipped", "consecutive_skips")}
+      summary["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
+      summary["train/images_per_sec"] = len(pending) * config.input.batch_size / (time.time() - window_start)
+      summary["data/skipped"] = float(sum(train_iter.skipped().values()))
+      writer.write_scalars(step, summary)
+      pending, window_start = [], time.time()
+      if fetched[-1]["consecutive_skips"] >= config.max_skipped_steps:
+        raise FloatingPointError(
+            f"{int(fetched[-1]['consecutive_skips'])} consecutive non-finite steps at step {step} (limit "
+            f"config.max_skipped_steps={config.max_skipped_steps}); lower config.optim.base_lr or check the data. "
+            "The last checkpoint holds finite parameters.")
+    preempted = stop["signal"] is not None or (
+        jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
+    if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:
+      save(step, force=preempted)
+    if preempted:
+      manager.wait_until_finished()
+      writer.flush()
+      raise Preempted(f"Stopped by signal at step {step}; checkpoint written to {ckpt_dir}.")
+    if config.eval.config and config.eval.every_steps and step % config.eval.every_steps == 0:
+      writer.write_scalars(step, evaluate_state(config, model, state, workdir, step))
+  manager.wait_until_finished()
+
+  # ------------------------------------------------------------------------------------------- final evaluation
+  results = {}
+  if config.eval.config:
+    results = evaluate_state(config, model, state, workdir, config.total_steps, final=True)
+    writer.write_scalars(config.total_steps, results)
+  writer.flush()
+  return results
+
+
+def evaluate_state(config, model, state, workdir: str, step: int, final: bool = False) -> Dict[str, float]:
+  """Zero-shot segmentation with config.eval on the current parameters (see mixreorg_jax/evaluate.py)."""
+  from mixreorg_jax import evaluate  # noqa: PLC0415
+  return evaluate.evaluate_train_state(config, model, state, workdir, step, final=final)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def main(argv):
+  del argv
+  initialize_distributed()
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:
+    logging.warning("%s", e)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  jax.config.config_with_absl()
+  app.run(main)
