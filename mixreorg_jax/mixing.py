@@ -47,19 +47,39 @@ def draw_permutation(key: jax.Array, batch_size: int, num_tokens: int, group_siz
   return MixPermutation(jnp.transpose(sigma, (0, 2, 1)), jnp.transpose(inverse, (0, 2, 1)))  # [G, K, N]
 
 
-def _gather_within_groups(tokens: jax.Array, index: jax.Array) -> jax.Array:
-  """out[g*K + j, p] = tokens[g*K + index[g, j, p], p] for tokens [B, N, C] and index [G, K, N]."""
+def _gather(tokens: jax.Array, index: jax.Array) -> jax.Array:
   b, n, c = tokens.shape
   groups, k, _ = index.shape
   check_group_size(b, k)
-  grouped = tokens.reshape(groups, k, n, c)
-  out = jnp.take_along_axis(grouped, index[..., None], axis=1, mode="promise_in_bounds")
+  out = jnp.take_along_axis(tokens.reshape(groups, k, n, c), index[..., None], axis=1, mode="promise_in_bounds")
   return out.reshape(b, n, c)
+
+
+@jax.custom_vjp
+def _permute(tokens: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """out[g*K + j, p] = tokens[g*K + index[g, j, p], p]; tokens [B, N, C], index/inverse [G, K, N].
+
+  `index` is a permutation within each group and position, so the gradient is the gather by its inverse: the
+  backward pass is another gather instead of the scatter-add XLA would emit for a general gather.
+  """
+  return _gather(tokens, index)
+
+
+def _permute_fwd(tokens, index, inverse):
+  return _gather(tokens, index), (index, inverse)
+
+
+def _permute_bwd(residuals, cotangent):
+  index, inverse = residuals
+  return _gather(cotangent, inverse), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def apply_mix(tokens: jax.Array, perm: MixPermutation) -> jax.Array:
   """Mix_sigma(tokens): [B, N, C] -> [B, N, C] with the permutation already drawn."""
-  return _gather_within_groups(tokens, perm.src)
+  return _permute(tokens, perm.src, perm.inverse)
 
 
 def mix(tokens: jax.Array, key: jax.Array, group_size: int) -> Tuple[jax.Array, jax.Array, MixPermutation]:
@@ -70,4 +90,4 @@ def mix(tokens: jax.Array, key: jax.Array, group_size: int) -> Tuple[jax.Array, 
 
 def restore(mixed: jax.Array, perm: MixPermutation) -> jax.Array:
   """Unmix_sigma: puts every mixed token back at its original image and position. [B, N, C] -> [B, N, C]."""
-  return _gather_within_groups(mixed, perm.inverse)
+  return _permute(mixed, perm.inverse, perm.src)

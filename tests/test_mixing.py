@@ -58,3 +58,15 @@ def test_mix_and_restore_compile_without_collectives():
   hlo = jax.jit(mix_restore, out_shardings=(batch, batch, batch)).lower(tokens, jax.random.key(0)).compile().as_text()
   for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter"):
     assert op not in hlo, f"{op} in the compiled mixing"
+
+
+def test_gradient_of_mix_is_the_inverse_permutation():
+  tokens = jax.random.normal(jax.random.key(0), (6, 5, 4))
+  perm = mixing.draw_permutation(jax.random.key(1), 6, 5, 3)
+  weights = jax.random.normal(jax.random.key(2), (6, 5, 4))
+  loss = lambda x: jnp.sum(weights * mixing.apply_mix(x, perm) ** 2)  # noqa: E731
+  reference = lambda x: jnp.sum(weights * mixing._gather(x, perm.src) ** 2)  # noqa: E731  autodiff of the gather
+  np.testing.assert_allclose(jax.grad(loss)(tokens), jax.grad(reference)(tokens), rtol=1e-6)
+  restored = lambda x: jnp.sum(weights * mixing.restore(x, perm) ** 2)  # noqa: E731
+  reference = lambda x: jnp.sum(weights * mixing._gather(x, perm.inverse) ** 2)  # noqa: E731
+  np.testing.assert_allclose(jax.grad(restored)(tokens), jax.grad(reference)(tokens), rtol=1e-6)
