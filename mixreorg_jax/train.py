@@ -7,8 +7,10 @@ Multi-host: run the same command on every host (launch/tpu_pod.sh, launch/slurm.
 (launch/local_cpu.sh does this on 127.0.0.1). The run resumes from the workdir's latest checkpoint, including the
 input position, and SIGTERM/SIGINT save a checkpoint at the current step before exiting.
 """
+import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any, Dict, List, Mapping, Optional
@@ -39,6 +41,10 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for ex
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
+
+# The workdir layout that tools/export.py reads back.
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
 
 
 class Preempted(Exception):
@@ -105,29 +111,68 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def input_state_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "input_state", f"step_{step}", f"process_{jax.process_index()}")
+  """Where this host's tf.data iterator position for checkpoint `step` goes.
+
+  The process count is part of the name: a position is only meaningful for the same host sharding of the files,
+  so a run on a different number of hosts starts its input afresh instead of restoring a foreign position.
+  """
+  name = f"process_{jax.process_index()}_of_{jax.process_count()}"
+  return os.path.join(workdir, "input_state", f"step_{step}", name)
 
 
 def prune_input_states(workdir: str, keep_steps: List[int]) -> None:
+  """Deletes the input positions of checkpoints the CheckpointManager no longer keeps (process 0 only)."""
   root = os.path.join(workdir, "input_state")
   if jax.process_index() or not os.path.isdir(root):
     return
   for name in os.listdir(root):
     if int(name.split("_")[1]) not in keep_steps:
-      for f in os.listdir(os.path.join(root, name)):
-        os.remove(os.path.join(root, name, f))
-      os.rmdir(os.path.join(root, name))
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def global_sum(value: float) -> float:
+  """Sum of a host-local number over all processes (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return float(value)
+  return float(np.sum(multihost_utils.process_allgather(np.asarray(value, np.float64))))
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: Dict[str, Any]):
+  """Records SIGTERM/SIGINT in stop["signal"] so the loop saves and exits at the end of the current step.
+
+  Single-process only: with jax.distributed, SIGTERM goes to JAX's preemption service instead, and the hosts
+  agree on the step to save at through multihost_utils.reached_preemption_sync_point. The previous handlers are
+  put back on exit, so an in-process caller (tests, notebooks) keeps its own.
+  """
+  if jax.process_count() > 1:
+    yield
+    return
+  signals = (signal.SIGTERM, signal.SIGINT)
+  previous = {sig: signal.getsignal(sig) for sig in signals}
+  for sig in signals:
+    signal.signal(sig, lambda signum, _: stop.update(signal=signum))
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Runs training to config.total_steps (resuming if possible), then the attached evaluation. -> final metrics."""
+  """Runs training to config.total_steps (resuming if possible), then the attached evaluation. -> final metrics.
+
+  Raises Preempted after saving a checkpoint at the current step when SIGTERM/SIGINT (or, multi-host, a
+  preemption notice) arrives, and FloatingPointError after config.max_skipped_steps consecutive non-finite steps.
+  """
   # ------------------------------------------------------------------------------------------- set-up
+  t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   jax.config.update("jax_threefry_partitionable", True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
     writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
 
@@ -155,13 +200,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     parameter_overview.log_parameter_overview(abstract.params, include_stats=False)
 
   # ------------------------------------------------------------------------------------------- restore
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  # Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save cut
+  # short (SIGKILL, lost host) is never taken for the latest step.
+  ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_ckpts, enable_async_checkpointing=True, create=True))
   latest = manager.latest_step()
   if latest is None:
     state = train_step.jit_init_state(config, model, tx, state_shardings)(jax.random.key(config.seed))
   else:
+    # Restoring onto this run's shardings re-lays the arrays out for whatever mesh and device count it has.
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                           state_shardings)
     state = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
@@ -169,12 +217,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if os.path.exists(path + ".index"):
       train_iter.restore_state(path)
     else:
-      logging.warning("No input position for step %d on process %d (the process count changed?); the input "
-                      "restarts from the beginning of its shuffle.", latest, jax.process_index())
+      logging.warning("No input position for step %d on process %d of %d (the process count changed?); the "
+                      "input restarts from the beginning of its shuffle.", latest, jax.process_index(),
+                      jax.process_count())
     logging.info("Resumed from step %d", latest)
   first_step = int(jax.device_get(state.step))
 
   def save(step: int, force: bool = False) -> None:
+    # Skipped updates keep the last finite parameters, so this only fires if a finite step produced a NaN.
     if not np.isfinite(float(jax.device_get(optax.global_norm(state.params)))):
       raise FloatingPointError(f"Refusing to checkpoint non-finite parameters at step {step}.")
     train_iter.save_state(input_state_path(workdir, step))
@@ -183,64 +233,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   # ------------------------------------------------------------------------------------------- the jitted step
   step_fn = train_step.jit_train_step(config, model, tx, schedule, mesh, state_shardings)
+  setup_seconds = time.time() - t_start
   t0 = time.time()
   compiled = step_fn.lower(state, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((config.input.batch_size,) + x.shape[1:], x.dtype, sharding=batch_sharding),
       train_step.example_batch(config, 1))).compile()
-  logging.info("Compiled the train step in %.1f s", time.time() - t0)
-  writer.write_scalars(first_step, {"compile_seconds": time.time() - t0})
+  compile_seconds = time.time() - t0
+  logging.info("Set-up (data, init, restore) %.1f s; compiled the train step in %.1f s", setup_seconds,
+               compile_seconds)
+  writer.write_scalars(first_step, {"setup_seconds": setup_seconds, "compile_seconds": compile_seconds})
 
   # ------------------------------------------------------------------------------------------- the loop
-  stop = {"signal": None}
-  if jax.process_count() == 1:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, lambda signum, _: stop.update(signal=signum))
   hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_steps)]
   if config.profile_steps and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
                                           first_profile=first_step + config.log_steps))
+  stop = {"signal": None}
   pending: List[Dict[str, jax.Array]] = []
   window_start = time.time()
-  for step in range(first_step + 1, config.total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
-      state, metrics = compiled(state, batch)
-    pending.append(metrics)
-    for hook in hooks:
-      hook(step)
-    if step % config.log_steps == 0 or step == config.total_steps:
-      fetched = jax.device_get(pending)  # one host sync per log window, not per step.
-      summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
-                 if k not in ("skipped", "consecutive_skips")}
-      summary["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
-      summary["train/images_per_sec"] = len(pending) * config.input.batch_size / (time.time() - window_start)
-      summary["data/skipped"] = float(sum(train_iter.skipped().values()))
-      writer.write_scalars(step, summary)
-      pending, window_start = [], time.time()
-      if fetched[-1]["consecutive_skips"] >= config.max_skipped_steps:
-        raise FloatingPointError(
-            f"{int(fetched[-1]['consecutive_skips'])} consecutive non-finite steps at step {step} (limit "
-            f"config.max_skipped_steps={config.max_skipped_steps}); lower config.optim.base_lr or check the data. "
-            "The last checkpoint holds finite parameters.")
-    preempted = stop["signal"] is not None or (
-        jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
-    if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:
-      save(step, force=preempted)
-    if preempted:
-      manager.wait_until_finished()
-      writer.flush()
-      raise Preempted(f"Stopped by signal at step {step}; checkpoint written to {ckpt_dir}.")
-    if config.eval.config and config.eval.every_steps and step % config.eval.every_steps == 0:
-      writer.write_scalars(step, evaluate_state(config, model, state, workdir, step))
-  manager.wait_until_finished()
+  try:
+    with stop_on_signals(stop):
+      for step in range(first_step + 1, config.total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
+          state, metrics = compiled(state, batch)
+        pending.append(metrics)
+        for hook in hooks:
+          hook(step)
+        if step % config.log_steps == 0 or step == config.total_steps:
+          fetched = jax.device_get(pending)  # one host sync per log window, not per step.
+          summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+                     if k not in ("skipped", "consecutive_skips")}
+          summary["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
+          summary["train/images_per_sec"] = len(pending) * config.input.batch_size / (time.time() - window_start)
+          summary["data/skipped"] = global_sum(sum(train_iter.skipped().values()))
+          writer.write_scalars(step, summary)
+          pending, window_start = [], time.time()
+          # The guard is checked once per log window (no per-step sync); skipped steps never touch the state.
+          consecutive = int(max(m["consecutive_skips"] for m in fetched))
+          if consecutive >= config.max_skipped_steps:
+            raise FloatingPointError(
+                f"Halting at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
+                f"(limit config.max_skipped_steps={config.max_skipped_steps}); lower config.optim.base_lr or "
+                f"check the data. The last checkpoint in {ckpt_dir} holds finite parameters.")
+        preempted = stop["signal"] is not None or (
+            jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
+        if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:
+          save(step, force=preempted)
+        if preempted:
+          raise Preempted(f"Stopped by a signal or preemption notice at step {step}; checkpoint written to "
+                          f"{ckpt_dir}.")
+        if config.eval.config and config.eval.every_steps and step % config.eval.every_steps == 0:
+          writer.write_scalars(step, evaluate_state(config, model, state, workdir, step))
+  finally:
+    manager.wait_until_finished()  # a pending async save completes before any exit, clean or not.
+    manager.close()
+    writer.flush()
 
   # ------------------------------------------------------------------------------------------- final evaluation
   results = {}
   if config.eval.config:
     results = evaluate_state(config, model, state, workdir, config.total_steps, final=True)
     writer.write_scalars(config.total_steps, results)
-  writer.flush()
+  writer.close()
   return results
 
 
