@@ -1,0 +1,303 @@
+"""Zero-shot semantic segmentation of a checkpoint on a benchmark, with GroupViT's protocol (see zeroshot.py).
+
+  python -m mixreorg_jax.evaluate --config=configs/eval/voc.py --checkpoint=DIR [--output_dir=DIR] \
+      [--config.data.root=PATH] [--config.save_predictions=DIR]
+
+It prints the protocol and a per-class IoU table, and writes into output_dir (default <checkpoint>/eval/<dataset>/)
+metrics.json (mIoU, per_class_iou, pixel_acc, mean_acc, num_images and the protocol), TensorBoard scalars and
+overlay pictures of the first config.num_visualizations images. The trainer calls `evaluate_train_state` with an
+eval config attached to the train config (config.eval).
+"""
+import importlib.util
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import tqdm
+
+from mixreorg_jax import inference
+from mixreorg_jax import seg_metrics
+from mixreorg_jax import visualize
+from mixreorg_jax import zeroshot
+from mixreorg_jax.data import seg_datasets
+from mixreorg_jax.data import tokenizers
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "An eval config file (configs/eval/*.py).",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory (converter or export).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where to write results; '' = <checkpoint>/eval/<dataset>/.")
+
+PROTOCOL_KEYS = ("short_side", "window", "stride", "top_k_classes", "with_background", "bg_threshold",
+                 "batch_size")
+CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_seg", "train/seg_acc")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs and tokenizers.
+# ----------------------------------------------------------------------------------------------------------------
+def load_eval_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads an eval config file as `--config=` does: "configs/eval/voc.py" or "configs/eval/voc.py:full"."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"eval config {path!r} does not exist (config.eval.config); expected a file in "
+                            "configs/eval/.")
+  module_spec = importlib.util.spec_from_file_location("eval_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  config.lock()
+  return config
+
+
+def checkpoint_tokenizer(model: inference.InferenceModel):
+  """The tokenizer of a checkpoint's model_config.json "tokenizer" block."""
+  block = model.tokenizer
+  if block is None:
+    raise ValueError("The checkpoint's model_config.json has no 'tokenizer' block; re-export it with "
+                     "checkpoint_io.save_inference_checkpoint(..., tokenizer=checkpoint_io.tokenizer_info(...)).")
+  return tokenizers.make_tokenizer(ml_collections.ConfigDict(dict(
+      tokenizer=block["kind"], tokenizer_path=block["path"], context_length=block["context_length"])))
+
+
+def protocol_text(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> str:
+  """One line per protocol choice, printed with every result (GroupViT#50/#56 came from hidden ones)."""
+  lines = [f"dataset {config.data.name} ({config.data.split}) at {config.data.root or '(default)'}",
+           f"classes {len(class_names)}: {', '.join(class_names[:6])}{' ...' if len(class_names) > 6 else ''}",
+           f"prompt templates {len(config.prompt_templates)}: {config.prompt_templates[0]!r} ..."]
+  lines += [f"{key} {config[key]}" for key in PROTOCOL_KEYS]
+  return "\n".join(lines)
+
+
+def _host_local(tree):
+  """Arrays sharded over several hosts gathered onto every host (each host then runs its images alone)."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+  return jax.tree.map(fetch, tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The protocol over a dataset.
+# ----------------------------------------------------------------------------------------------------------------
+def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
+                 random_groups_seed: Optional[int] = None, progress: bool = True,
+                 visualization_dir: str = "", num_visualizations: int = 0,
+                 dataset: Optional[seg_datasets.SegDataset] = None) -> Dict[str, Any]:
+  """Segments every image of config's dataset; -> seg_metrics.summarize(...) plus num_images.
+
+  Args:
+    model: the GroupViT module; variables: its {"params", "batch_stats"}.
+    tokenizer: has tokenize_numpy (mixreorg_jax.data.tokenizers).
+    config: an eval config (configs/eval/*.py).
+    random_groups_seed: set -> the chance baseline (random patch-to-group assignment).
+    progress: show a tqdm bar with images/s.
+    visualization_dir / num_visualizations: overlay pictures (prediction, ground truth, groups) of the first
+      images; save_predictions (config) writes palette PNG label maps named like the ground truth.
+    dataset: the dataset of config, if already opened.
+  With several processes, each segments every process_count-th image and the confusion matrices are summed.
+  """
+  dataset = dataset or seg_datasets.from_config(config)
+  class_names = seg_datasets.prompt_class_names(config, dataset)
+  protocol = zeroshot.Protocol.from_config(config)
+  variables = _host_local(variables)
+  text_fn = zeroshot.make_text_fn(model)
+  class_emb = zeroshot.class_embeddings(lambda t: text_fn(variables, t), tokenizer,
+                                        zeroshot.foreground_names(class_names, config.with_background),
+                                        config.prompt_templates)
+  segmenter = zeroshot.SlidingWindowSegmenter(model, variables, class_emb, protocol, random_groups_seed)
+
+  rank, count = jax.process_index(), jax.process_count()
+  examples = {}  # name -> (image, label) of images in flight (a few, crops are batched across images).
+
+  def inputs():
+    for i, (name, image, label) in enumerate(dataset):
+      if i % count == rank:
+        examples[name] = (image, label)
+        yield name, image
+
+  confusion = np.zeros((len(class_names), len(class_names)), np.int64)
+  num_images, start = 0, time.time()
+  bar = tqdm.tqdm(total=len(dataset), unit="img", desc=dataset.name, disable=not progress or rank > 0)
+  for name, scores, groups in segmenter(inputs()):
+    image, label = examples.pop(name)
+    if scores.shape[0] != len(class_names):
+      raise ValueError(f"{scores.shape[0]} class scores for {len(class_names)} classes; check "
+                       "config.with_background against config.class_names.")
+    pred = scores.argmax(axis=0).astype(np.uint8)
+    confusion += seg_metrics.confusion_matrix(label, pred, len(class_names))
+    if config.save_predictions:
+      _save_label(config.save_predictions, name + dataset.label_suffix, pred)
+    if visualization_dir and num_images < num_visualizations:
+      picture = visualize.side_by_side(
+          [visualize.overlay(image, pred, class_names), visualize.overlay(image, label, class_names),
+           visualize.groups_panel(image, groups)], titles=("prediction", "ground truth", "groups"))
+      _save_picture(picture, os.path.join(visualization_dir, name.replace("/", "_") + ".png"))
+    num_images += 1
+    bar.update(count)
+  bar.close()
+  if count > 1:
+    confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
+    num_images = int(np.asarray(multihost_utils.process_allgather(np.int64(num_images))).sum())
+  summary = seg_metrics.summarize(confusion, class_names)
+  summary["num_images"] = num_images
+  summary["images_per_sec"] = num_images / max(time.time() - start, 1e-9)
+  return summary
+
+
+def _save_label(directory: str, relative: str, pred: np.ndarray) -> None:
+  path = os.path.join(directory, relative)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  visualize.save_label_png(path, pred)
+
+
+def _save_picture(picture, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  picture.save(path)
+
+
+def write_results(summary: Dict[str, Any], config: ml_collections.ConfigDict, output_dir: str, step: int = 0,
+                  extra: Optional[Dict[str, Any]] = None) -> str:
+  """metrics.json (metrics + the protocol echoed) and TensorBoard scalars into output_dir; -> metrics.json path."""
+  os.makedirs(output_dir, exist_ok=True)
+  record = dict(seg_metrics.json_safe(summary), step=int(step), protocol=json.loads(config.to_json()), **(extra or {}))
+  path = os.path.join(output_dir, "metrics.json")
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  writer = metric_writers.create_default_writer(output_dir, just_logging=jax.process_index() > 0)
+  scalars = {k: summary[k] for k in ("mIoU", "pixel_acc", "mean_acc")}
+  scalars.update({f"iou/{name}": v for name, v in summary["per_class_iou"].items() if not math.isnan(v)})
+  writer.write_scalars(step, scalars)
+  writer.close()
+  return path
+
+
+def chance_miou(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
+                seed: int = 0) -> float:
+  """mIoU of the same protocol with every patch assigned to a uniformly random group (seeded): the baseline
+  a grouping must beat for its segments to mean anything."""
+  return run_protocol(model, variables, tokenizer, config, random_groups_seed=seed, progress=False)["mIoU"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From the trainer.
+# ----------------------------------------------------------------------------------------------------------------
+def eval_config_for_training(config: ml_collections.ConfigDict, final: bool) -> ml_collections.ConfigDict:
+  """The eval config of a train config: config.eval.config with config.eval.{data_root, max_images} applied.
+
+  A VOC-layout config without a root uses the synthetic sets of config.input.synthetic_dir: voc_val for the
+  periodic evaluations during training, the held-out voc for the final one.
+  """
+  eval_config = load_eval_config(config.eval.config)
+  if config.eval.data_root:
+    eval_config.data.root = config.eval.data_root
+  elif not eval_config.data.root and eval_config.data.name == "voc_layout":
+    eval_config.data.root = os.path.join(config.input.synthetic_dir, "voc" if final else "voc_val")
+  if config.eval.max_images:
+    eval_config.data.max_images = config.eval.max_images
+  return eval_config
+
+
+def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdir: str, step: int,
+                         final: bool = False) -> Dict[str, float]:
+  """Evaluates a TrainState (.params, .batch_stats) with config.eval; -> {"eval/mIoU", "eval/pixel_acc", ...}.
+
+  Writes workdir/eval/<dataset>/metrics.json and TensorBoard scalars. With final: also example pictures into
+  workdir/examples/, the chance baseline ("eval/chance_mIoU") and workdir/training_curves.png.
+  """
+  eval_config = eval_config_for_training(config, final)
+  tokenizer = tokenizers.make_tokenizer(config.input)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  output_dir = os.path.join(workdir, "eval", eval_config.data.name)
+  summary = run_protocol(model, variables, tokenizer, eval_config, progress=False,
+                         visualization_dir=os.path.join(workdir, "examples") if final else "",
+                         num_visualizations=eval_config.num_visualizations if final else 0)
+  results = {"eval/mIoU": summary["mIoU"], "eval/pixel_acc": summary["pixel_acc"],
+             "eval/mean_acc": summary["mean_acc"]}
+  extra = {}
+  if final:
+    results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
+                                                                     seed=config.get("seed", 0))
+  if jax.process_index() == 0:
+    write_results(summary, eval_config, output_dir, step, extra)
+    jsonl = os.path.join(workdir, "metrics.jsonl")
+    if final and os.path.exists(jsonl):
+      plot_training_curves(jsonl, os.path.join(workdir, "training_curves.png"))
+  logging.info("Step %d zero-shot %s: %s", step, eval_config.data.name, results)
+  return results
+
+
+def plot_training_curves(metrics_jsonl_path: str, out_png: str, keys: Sequence[str] = CURVE_KEYS) -> str:
+  """Plots the train losses and seg accuracy of a metrics.jsonl ({"step": ..., "train/loss": ...} per line)
+  against the step, one panel per key present; -> out_png."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  series = {k: ([], []) for k in keys}
+  with open(metrics_jsonl_path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      for k in keys:
+        if k in record and record[k] is not None and "step" in record:
+          series[k][0].append(record["step"])
+          series[k][1].append(record[k])
+  present = [k for k in keys if series[k][0]]
+  if not present:
+    raise ValueError(f"{metrics_jsonl_path} has none of {list(keys)}; nothing to plot.")
+  fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.8), squeeze=False)
+  for ax, k in zip(axes[0], present):
+    ax.plot(*series[k], lw=1.2)
+    ax.set_title(k.split("/", 1)[-1])
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, output_dir: str = "") -> Dict[str, Any]:
+  """The command: loads the checkpoint, runs the protocol, prints and writes the results; -> the summary."""
+  model = inference.load(checkpoint)
+  output_dir = output_dir or os.path.join(checkpoint, "eval", config.data.name)
+  dataset = seg_datasets.from_config(config)
+  print(protocol_text(config, seg_datasets.prompt_class_names(config, dataset)), flush=True)
+  summary = run_protocol(model.model, model.variables, checkpoint_tokenizer(model), config,
+                         visualization_dir=os.path.join(output_dir, "visualizations"),
+                         num_visualizations=config.num_visualizations, dataset=dataset)
+  print(seg_metrics.format_table(summary), flush=True)
+  print(f"{summary['num_images']} images, {summary['images_per_sec']:.2f} images/s", flush=True)
+  if jax.process_index() == 0:
+    path = write_results(summary, config, output_dir, extra={"checkpoint": os.path.abspath(checkpoint)})
+    print(f"wrote {path}", flush=True)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _CHECKPOINT.value:
+    raise app.UsageError("--checkpoint=DIR is required (an inference checkpoint).")
+  evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _OUTPUT_DIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
