@@ -1,0 +1,106 @@
+"""The trainer in-process: exact resume after SIGTERM, the NaN guard, early config errors, export -> inference."""
+import os
+import signal
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mixreorg_jax import inference
+from mixreorg_jax import train
+from mixreorg_jax.tools import export
+from tests import test_train_common as common
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+  return common.synthetic_data(tmp_path_factory)
+
+
+def latest_step(workdir):
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
+    return manager.latest_step()
+
+
+def all_finite(tree):
+  return all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(tree))
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigterm(synthetic_dir, tmp_path, monkeypatch):
+  """Steps n+1..2n of a run stopped by SIGTERM at n and restarted equal those of an uninterrupted run."""
+  n = 3
+  config = common.train_config(synthetic_dir, total_steps=2 * n)
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  write_scalars = train.JsonlWriter.write_scalars
+
+  def signal_at_n(self, step, scalars):  # a real SIGTERM, delivered while step n is being logged.
+    write_scalars(self, step, scalars)
+    if step == n and "train/loss" in scalars:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  resumed = str(tmp_path / "resumed")
+  monkeypatch.setattr(train.JsonlWriter, "write_scalars", signal_at_n)
+  with pytest.raises(train.Preempted, match=f"at step {n}"):
+    train.train_and_evaluate(config, resumed)
+  monkeypatch.undo()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer put the handler back.
+  assert latest_step(resumed) == n
+  assert os.path.exists(os.path.join(resumed, "input_state", f"step_{n}", "process_0_of_1.index"))
+
+  train.train_and_evaluate(config, resumed)
+  straight, again = common.losses(str(tmp_path / "straight")), common.losses(resumed)
+  assert sorted(again) == list(range(1, 2 * n + 1))
+  np.testing.assert_allclose([again[s] for s in range(n + 1, 2 * n + 1)],
+                             [straight[s] for s in range(n + 1, 2 * n + 1)], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_guard_skips_counts_and_export_loads(synthetic_dir, tmp_path):
+  """Poisoned steps are skipped and counted, training recovers, the checkpoint is finite and exports."""
+  workdir = str(tmp_path / "run")
+  config = common.train_config(synthetic_dir, total_steps=4, debug_nan_step=1, max_skipped_steps=3)
+  config.debug_nan_steps = 2  # poisons the 2nd and 3rd steps.
+  train.train_and_evaluate(config, workdir)
+  by_step = {m["step"]: m for m in common.read_metrics(workdir) if "train/loss" in m}
+  assert [by_step[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
+  assert np.isnan(by_step[2]["train/grad_norm"]) and np.isnan(by_step[3]["train/grad_norm"])
+  assert np.isfinite(by_step[4]["train/grad_norm"]) and np.isfinite(by_step[4]["train/loss"])
+
+  variables, step = export.restore_variables(workdir, export.load_train_config(workdir))
+  assert step == 4 and all_finite(variables)
+
+  out = export.export(workdir, str(tmp_path / "export"))
+  model = inference.load(out)
+  assert model.tokenizer == {"kind": "sentencepiece", "path": "", "context_length": 8}
+  np.testing.assert_array_equal(np.asarray(model.variables["params"]["logit_scale"]),
+                                variables["params"]["logit_scale"])
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  emb = np.asarray(model.encode_image(images))
+  assert emb.shape == (2, 16) and np.allclose(np.linalg.norm(emb, axis=-1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_nan_guard_halts_after_max_skipped_steps(synthetic_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = common.train_config(synthetic_dir, total_steps=8, ckpt_steps=1, keep_ckpts=5, debug_nan_step=1,
+                               max_skipped_steps=2)
+  config.debug_nan_steps = 100
+  with pytest.raises(FloatingPointError, match=r"2 consecutive steps .* config\.max_skipped_steps=2"):
+    train.train_and_evaluate(config, workdir)
+  assert max(common.losses(workdir)) == 3  # halted at the 2nd skipped step in a row.
+  assert latest_step(workdir) == 2  # the checkpoints before the halt; none at or after it.
+  variables, _ = export.restore_variables(workdir, config)
+  assert all_finite(variables)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"mix.group_size": 4}, "config.mix.group_size"),  # K = 4 does not divide the per-device batch of 16 / 8 devices.
+    ({"input.data_dir": "/nonexistent/train-*.tfrecord"}, "config.input.data_dir"),
+    ({"input.image_size": 36}, "config.input.image_size"),
+])
+def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train_and_evaluate(common.train_config(synthetic_dir, **override), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -1,0 +1,73 @@
+"""Shared set-up of the trainer tests (no tests here): the tiny training config, its command line, metrics.jsonl."""
+import json
+import os
+import subprocess
+import sys
+
+from configs import demo
+from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two fake devices and the cheapest XLA:CPU optimisation level keep each trainer process's compile short.
+SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                      XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+
+
+def synthetic_data(tmp_path_factory) -> str:
+  """One synthetic data directory per test session (generated once, ~16 s; later calls find it complete)."""
+  from mixreorg_jax.data import synthetic  # noqa: PLC0415
+  path = str(tmp_path_factory.getbasetemp() / "synthetic")
+  synthetic.ensure_synthetic_data(path)
+  return path
+
+
+def train_config(synthetic_dir: str, **overrides):
+  """helpers.tiny_config for the trainer: the SentencePiece vocab, per-step metrics, no evaluation."""
+  defaults = {"model.text.vocab_size": 256, "log_steps": 1, "ckpt_steps": 1000, "input.synthetic_dir": synthetic_dir,
+              "input.shuffle_buffer": 64, "eval.config": ""}
+  return helpers.tiny_config(**{**defaults, **overrides})
+
+
+def _flat(config, prefix=""):
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_flags(config) -> list:
+  """`config` as --config=configs/demo.py plus one --config.key=value per value that differs from the demo."""
+  base = _flat(demo.get_config())
+  args = ["--config=configs/demo.py"]
+  for key, value in sorted(_flat(config).items()):
+    if base.get(key) != value:
+      args.append(f"--config.{key}={value if isinstance(value, str) else repr(value)}")
+  return args
+
+
+def train_command(config, workdir: str, *extra: str) -> list:
+  return [sys.executable, "-m", "mixreorg_jax.train", f"--workdir={workdir}", *config_flags(config), *extra]
+
+
+def start_training(config, workdir: str, *extra: str, log_name: str = "log.txt") -> subprocess.Popen:
+  """Starts the trainer as a process (stdout and stderr to workdir/log_name)."""
+  os.makedirs(workdir, exist_ok=True)
+  log = open(os.path.join(workdir, log_name), "w")
+  return subprocess.Popen(train_command(config, workdir, *extra), cwd=REPO, env=SUBPROCESS_ENV, stdout=log,
+                          stderr=subprocess.STDOUT)
+
+
+def read_metrics(workdir: str) -> list:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def losses(workdir: str) -> dict:
+  """{step: train/loss} from metrics.jsonl (the last entry per step, as a resumed run appends)."""
+  return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
