@@ -44,7 +44,7 @@ CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_se
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configs and tokenizers.
+# Configs.
 # ----------------------------------------------------------------------------------------------------------------
 def load_eval_config(spec: str) -> ml_collections.ConfigDict:
   """Loads an eval config file as `--config=` does: "configs/eval/voc.py" or "configs/eval/voc.py:full"."""
@@ -58,16 +58,6 @@ def load_eval_config(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   return config
-
-
-def checkpoint_tokenizer(model: inference.InferenceModel):
-  """The tokenizer of a checkpoint's model_config.json "tokenizer" block."""
-  block = model.tokenizer
-  if block is None:
-    raise ValueError("The checkpoint's model_config.json has no 'tokenizer' block; re-export it with "
-                     "checkpoint_io.save_inference_checkpoint(..., tokenizer=checkpoint_io.tokenizer_info(...)).")
-  return tokenizers.make_tokenizer(ml_collections.ConfigDict(dict(
-      tokenizer=block["kind"], tokenizer_path=block["path"], context_length=block["context_length"])))
 
 
 def protocol_text(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> str:
@@ -279,7 +269,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   output_dir = output_dir or os.path.join(checkpoint, "eval", config.data.name)
   dataset = seg_datasets.from_config(config)
   print(protocol_text(config, seg_datasets.prompt_class_names(config, dataset)), flush=True)
-  summary = run_protocol(model.model, model.variables, checkpoint_tokenizer(model), config,
+  summary = run_protocol(model.model, model.variables, zeroshot.checkpoint_tokenizer(model.tokenizer), config,
                          visualization_dir=os.path.join(output_dir, "visualizations"),
                          num_visualizations=config.num_visualizations, dataset=dataset)
   print(seg_metrics.format_table(summary), flush=True)

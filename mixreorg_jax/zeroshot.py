@@ -29,10 +29,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mixreorg_jax import losses
 from mixreorg_jax.data import preprocess
+from mixreorg_jax.data import tokenizers
 from mixreorg_jax.models import groupvit
 
 # mmseg's Resize(img_scale=(2048, 448)): the long side is capped at 2048 / 448 times the short side target.
@@ -63,6 +65,15 @@ class Protocol:
 def foreground_names(class_names: Sequence[str], with_background: bool) -> Tuple[str, ...]:
   """The names that are prompted: every class but the background (label 0) when there is one (GroupViT)."""
   return tuple(class_names[1:]) if with_background else tuple(class_names)
+
+
+def checkpoint_tokenizer(block: Optional[Dict[str, Any]]):
+  """The tokenizer of a checkpoint's model_config.json "tokenizer" block (InferenceModel.tokenizer)."""
+  if block is None:
+    raise ValueError("The checkpoint's model_config.json has no 'tokenizer' block; re-export it with "
+                     "checkpoint_io.save_inference_checkpoint(..., tokenizer=checkpoint_io.tokenizer_info(...)).")
+  return tokenizers.make_tokenizer(ml_collections.ConfigDict(dict(
+      tokenizer=block["kind"], tokenizer_path=block["path"], context_length=block["context_length"])))
 
 
 def class_embeddings(encode_text_fn: Callable, tokenizer, class_names: Sequence[str], templates: Sequence[str],

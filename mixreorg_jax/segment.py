@@ -1,0 +1,110 @@
+"""Segment one image with any class names, zero-shot, and draw it.
+
+  python -m mixreorg_jax.segment --checkpoint=DIR --image=IMG [--classes="cat,dog,grass"] [--output=out.png]
+
+The picture has the image with the predicted classes painted over it and a legend, next to the raw groups (each
+pixel coloured by its group). Without --classes it shows the image and the groups only. The protocol is the
+evaluation's (mixreorg_jax/zeroshot.py): short side 448, 448 windows at stride 224, top-5 classes, and a
+background class where no class reaches --bg_threshold (--nobackground turns it off).
+
+From Python, `segment_image(model, image, class_names)` returns pixel-level class scores [C, H, W], the label
+map and the group map, for downstream use.
+"""
+import os
+from typing import Any, Dict, Optional, Sequence
+
+from absl import app
+from absl import flags
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mixreorg_jax import inference
+from mixreorg_jax import visualize
+from mixreorg_jax import zeroshot
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory.")
+_IMAGE = flags.DEFINE_string("image", None, "The image file to segment.")
+_CLASSES = flags.DEFINE_string("classes", "", "Comma-separated class names; '' = show the groups only.")
+_OUTPUT = flags.DEFINE_string("output", "", "The PNG to write; '' = <image name>_segmented.png next to it.")
+_BACKGROUND = flags.DEFINE_bool("background", True, "Add a background class decided by --bg_threshold.")
+_BG_THRESHOLD = flags.DEFINE_float("bg_threshold", 0.95, "Background below this class score (VOC's 0.95).")
+_TEMPLATES = flags.DEFINE_multi_string("template", ["a photo of a {}."], "Prompt template(s) with one {}.")
+_SHORT_SIDE = flags.DEFINE_integer("short_side", 448, "Resize the short side to this (0 = native).")
+_WINDOW = flags.DEFINE_integer("window", 448, "Sliding window size (0 = the whole image).")
+_STRIDE = flags.DEFINE_integer("stride", 224, "Sliding window stride (0 = window).")
+
+BACKGROUND = "background"
+
+
+def segment_image(model: inference.InferenceModel, image: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                  protocol: Optional[zeroshot.Protocol] = None, templates: Sequence[str] = ("a photo of a {}.",),
+                  tokenizer=None) -> Dict[str, Any]:
+  """Zero-shot segmentation of one image.
+
+  Args:
+    model: from inference.load.
+    image: uint8 [H, W, 3] RGB.
+    class_names: the classes to find; with protocol.with_background, label 0 is "background" (not prompted)
+      and class_names[i] is label i + 1. None or empty: groups only.
+    protocol: zeroshot.Protocol (default: short side 448, windows 448 / 224, top-5, no background).
+    templates: prompt templates, averaged.
+    tokenizer: default = the checkpoint's (its model_config.json tokenizer block).
+  Returns:
+    dict(logits float32 [C, H, W] or None, labels int32 [H, W] or None, groups int32 [H, W],
+         class_names: the name of every label id).
+  """
+  protocol = protocol or zeroshot.Protocol(batch_size=1)
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"segment_image: expected an RGB image [H, W, 3], got shape {image.shape}.")
+  class_names = tuple(class_names or ())
+  if class_names:
+    tokenizer = tokenizer or zeroshot.checkpoint_tokenizer(model.tokenizer)
+    class_emb = zeroshot.class_embeddings(model.encode_text, tokenizer, class_names, templates)
+    names = ((BACKGROUND,) if protocol.with_background else ()) + class_names
+  else:  # the groups do not depend on the classes: one placeholder class, no text tower needed.
+    class_emb = jnp.zeros((1, model.config.projection_dim), jnp.float32)
+    protocol = zeroshot.Protocol(protocol.short_side, protocol.window, protocol.stride, 1, -1.0, False,
+                                 protocol.batch_size)
+    names = ()
+  segmenter = zeroshot.SlidingWindowSegmenter(model.model, model.variables, class_emb, protocol)
+  (_, logits, groups), = list(segmenter([("image", image)]))
+  if not class_names:
+    return dict(logits=None, labels=None, groups=groups, class_names=names)
+  return dict(logits=logits, labels=zeroshot.predict(logits), groups=groups, class_names=names)
+
+
+def render(image: np.ndarray, result: Dict[str, Any]) -> Image.Image:
+  """The picture of a `segment_image` result: overlay + legend and groups, or image and groups."""
+  groups = visualize.groups_panel(image, result["groups"])
+  if result["labels"] is None:
+    return visualize.side_by_side([image, groups], titles=("image", "groups"))
+  overlay = visualize.overlay(image, result["labels"], result["class_names"])
+  return visualize.side_by_side([overlay, groups], titles=("classes", "groups"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _CHECKPOINT.value or not _IMAGE.value:
+    raise app.UsageError("--checkpoint=DIR and --image=IMG are required.")
+  if not os.path.isfile(_IMAGE.value):
+    raise FileNotFoundError(f"--image={_IMAGE.value!r} does not exist.")
+  image = np.asarray(Image.open(_IMAGE.value).convert("RGB"))
+  classes = [c.strip() for c in _CLASSES.value.split(",") if c.strip()]
+  protocol = zeroshot.Protocol(short_side=_SHORT_SIDE.value, window=_WINDOW.value, stride=_STRIDE.value,
+                               top_k_classes=5, bg_threshold=_BG_THRESHOLD.value if _BACKGROUND.value else -1.0,
+                               with_background=_BACKGROUND.value, batch_size=1)
+  model = inference.load(_CHECKPOINT.value)
+  result = segment_image(model, image, classes, protocol, templates=_TEMPLATES.value)
+  output = _OUTPUT.value or os.path.splitext(_IMAGE.value)[0] + "_segmented.png"
+  render(image, result).save(output)
+  if classes:
+    present = np.unique(result["labels"])
+    print("classes found: " + ", ".join(result["class_names"][i] for i in present))
+  print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+  app.run(main)
