@@ -33,11 +33,6 @@ from mixreorg_jax import zeroshot
 from mixreorg_jax.data import seg_datasets
 from mixreorg_jax.data import tokenizers
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An eval config file (configs/eval/*.py).",
-                                          lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory (converter or export).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where to write results; '' = <checkpoint>/eval/<dataset>/.")
-
 PROTOCOL_KEYS = ("short_side", "window", "stride", "top_k_classes", "with_background", "bg_threshold",
                  "batch_size")
 CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_seg", "train/seg_acc")
@@ -187,13 +182,16 @@ def eval_config_for_training(config: ml_collections.ConfigDict, final: bool) -> 
   """The eval config of a train config: config.eval.config with config.eval.{data_root, max_images} applied.
 
   A VOC-layout config without a root uses the synthetic sets of config.input.synthetic_dir: voc_val for the
-  periodic evaluations during training, the held-out voc for the final one.
+  periodic evaluations during training, the held-out voc for the final one. Those images are evaluated at their
+  native size (short_side = window = stride = 0), the size the synthetic pretraining images have; 448 px windows
+  would upsample 64 px images sevenfold.
   """
   eval_config = load_eval_config(config.eval.config)
   if config.eval.data_root:
     eval_config.data.root = config.eval.data_root
   elif not eval_config.data.root and eval_config.data.name == "voc_layout":
     eval_config.data.root = os.path.join(config.input.synthetic_dir, "voc" if final else "voc_val")
+    eval_config.short_side = eval_config.window = eval_config.stride = 0
   if config.eval.max_images:
     eval_config.data.max_images = config.eval.max_images
   return eval_config
@@ -280,14 +278,20 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   return summary
 
 
+def define_flags() -> None:
+  """The command's flags; defined only when it runs (the trainer imports this module and has its own --config)."""
+  config_flags.DEFINE_config_file("config", None, "An eval config file (configs/eval/*.py).", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory (converter or export).")
+  flags.DEFINE_string("output_dir", "", "Where to write results; '' = <checkpoint>/eval/<dataset>/.")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _CHECKPOINT.value:
-    raise app.UsageError("--checkpoint=DIR is required (an inference checkpoint).")
-  evaluate_checkpoint(_CHECKPOINT.value, _CONFIG.value, _OUTPUT_DIR.value)
+  evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output_dir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)

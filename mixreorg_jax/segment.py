@@ -11,7 +11,7 @@ From Python, `segment_image(model, image, class_names)` returns pixel-level clas
 map and the group map, for downstream use.
 """
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -22,17 +22,6 @@ from PIL import Image
 from mixreorg_jax import inference
 from mixreorg_jax import visualize
 from mixreorg_jax import zeroshot
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory.")
-_IMAGE = flags.DEFINE_string("image", None, "The image file to segment.")
-_CLASSES = flags.DEFINE_string("classes", "", "Comma-separated class names; '' = show the groups only.")
-_OUTPUT = flags.DEFINE_string("output", "", "The PNG to write; '' = <image name>_segmented.png next to it.")
-_BACKGROUND = flags.DEFINE_bool("background", True, "Add a background class decided by --bg_threshold.")
-_BG_THRESHOLD = flags.DEFINE_float("bg_threshold", 0.95, "Background below this class score (VOC's 0.95).")
-_TEMPLATES = flags.DEFINE_multi_string("template", ["a photo of a {}."], "Prompt template(s) with one {}.")
-_SHORT_SIDE = flags.DEFINE_integer("short_side", 448, "Resize the short side to this (0 = native).")
-_WINDOW = flags.DEFINE_integer("window", 448, "Sliding window size (0 = the whole image).")
-_STRIDE = flags.DEFINE_integer("stride", 224, "Sliding window stride (0 = window).")
 
 BACKGROUND = "background"
 
@@ -84,27 +73,48 @@ def render(image: np.ndarray, result: Dict[str, Any]) -> Image.Image:
   return visualize.side_by_side([overlay, groups], titles=("classes", "groups"))
 
 
+def segment_file(checkpoint: str, image_path: str, class_names: Sequence[str], output: str = "",
+                 protocol: Optional[zeroshot.Protocol] = None,
+                 templates: Sequence[str] = ("a photo of a {}.",)) -> Tuple[str, Dict[str, Any]]:
+  """The command: segments image_path with the checkpoint and writes the picture; -> (output path, result)."""
+  if not os.path.isfile(image_path):
+    raise FileNotFoundError(f"--image={image_path!r} does not exist.")
+  image = np.asarray(Image.open(image_path).convert("RGB"))
+  result = segment_image(inference.load(checkpoint), image, class_names, protocol, templates)
+  output = output or os.path.splitext(image_path)[0] + "_segmented.png"
+  render(image, result).save(output)
+  return output, result
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory.")
+  flags.DEFINE_string("image", None, "The image file to segment.")
+  flags.DEFINE_string("classes", "", "Comma-separated class names; '' = show the groups only.")
+  flags.DEFINE_string("output", "", "The PNG to write; '' = <image name>_segmented.png next to it.")
+  flags.DEFINE_bool("background", True, "Add a background class decided by --bg_threshold.")
+  flags.DEFINE_float("bg_threshold", 0.95, "Background below this class score (VOC's 0.95).")
+  flags.DEFINE_multi_string("template", ["a photo of a {}."], "Prompt template(s) with one {}.")
+  flags.DEFINE_integer("short_side", 448, "Resize the short side to this (0 = native).")
+  flags.DEFINE_integer("window", 448, "Sliding window size (0 = the whole image).")
+  flags.DEFINE_integer("stride", 224, "Sliding window stride (0 = window).")
+  flags.mark_flags_as_required(["checkpoint", "image"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _CHECKPOINT.value or not _IMAGE.value:
-    raise app.UsageError("--checkpoint=DIR and --image=IMG are required.")
-  if not os.path.isfile(_IMAGE.value):
-    raise FileNotFoundError(f"--image={_IMAGE.value!r} does not exist.")
-  image = np.asarray(Image.open(_IMAGE.value).convert("RGB"))
-  classes = [c.strip() for c in _CLASSES.value.split(",") if c.strip()]
-  protocol = zeroshot.Protocol(short_side=_SHORT_SIDE.value, window=_WINDOW.value, stride=_STRIDE.value,
-                               top_k_classes=5, bg_threshold=_BG_THRESHOLD.value if _BACKGROUND.value else -1.0,
-                               with_background=_BACKGROUND.value, batch_size=1)
-  model = inference.load(_CHECKPOINT.value)
-  result = segment_image(model, image, classes, protocol, templates=_TEMPLATES.value)
-  output = _OUTPUT.value or os.path.splitext(_IMAGE.value)[0] + "_segmented.png"
-  render(image, result).save(output)
+  f = flags.FLAGS
+  classes = [c.strip() for c in f.classes.split(",") if c.strip()]
+  protocol = zeroshot.Protocol(short_side=f.short_side, window=f.window, stride=f.stride, top_k_classes=5,
+                               bg_threshold=f.bg_threshold if f.background else -1.0, with_background=f.background,
+                               batch_size=1)
+  output, result = segment_file(f.checkpoint, f.image, classes, f.output, protocol, f.template)
   if classes:
-    present = np.unique(result["labels"])
-    print("classes found: " + ", ".join(result["class_names"][i] for i in present))
+    print("classes found: " + ", ".join(result["class_names"][i] for i in np.unique(result["labels"])))
   print(f"wrote {output}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -222,7 +222,7 @@ def test_whole_image_window_equals_single_pass():
   from mixreorg_jax.models import groupvit  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   model = groupvit.GroupViT.from_config(config.model)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 8), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 8), jnp.int32))
   class_emb = jnp.asarray(_unit(np.random.default_rng(0).normal(size=(5, config.model.projection_dim))),
                           jnp.float32)
   image = np.random.default_rng(1).integers(0, 255, (40, 48, 3), np.uint8)
