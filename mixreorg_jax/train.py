@@ -244,8 +244,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer.write_scalars(first_step, {"setup_seconds": setup_seconds, "compile_seconds": compile_seconds})
 
   # ------------------------------------------------------------------------------------------- the loop
+  # Progress (steps/s, ETA) is reported right after each log window's metrics fetch, when the device has caught
+  # up with the dispatched steps; timed reports in between would only measure dispatch.
   hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_steps=config.log_steps)]
+                                           every_steps=config.log_steps, every_secs=None)]
   if config.profile_steps and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
                                           first_profile=first_step + config.log_steps))
@@ -259,8 +261,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
           state, metrics = compiled(state, batch)
         pending.append(metrics)
-        for hook in hooks:
-          hook(step)
         if step % config.log_steps == 0 or step == config.total_steps:
           fetched = jax.device_get(pending)  # one host sync per log window, not per step.
           summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
@@ -277,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 f"Halting at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
                 f"(limit config.max_skipped_steps={config.max_skipped_steps}); lower config.optim.base_lr or "
                 f"check the data. The last checkpoint in {ckpt_dir} holds finite parameters.")
+        for hook in hooks:
+          hook(step)
         preempted = stop["signal"] is not None or (
             jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
         if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs the trainer on this machine's CPU, optionally as several processes talking over gloo on 127.0.0.1.
+#
+#   launch/local_cpu.sh CONFIG WORKDIR [--config.key=value ...]
+#   NUM_PROCESSES=2 DEVICES_PER_PROCESS=2 launch/local_cpu.sh configs/demo.py workdirs/demo2x2
+#
+# NUM_PROCESSES (default 1) processes are started, each with DEVICES_PER_PROCESS (default 1) fake CPU devices
+# (XLA_FLAGS=--xla_force_host_platform_device_count). With more than one process, process 0 is the coordinator
+# at 127.0.0.1:PORT (default 12355) and every process gets --coordinator_address/--num_processes/--process_id,
+# so this exercises the same jax.distributed code path as a TPU pod or a GPU cluster. Process i logs to
+# WORKDIR/process_i.log (process 0 also to the terminal). Ctrl-C saves a checkpoint at the current step and
+# stops: one process handles SIGINT itself; several get SIGTERM, which JAX's preemption service turns into a
+# step that all of them agree on and save.
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+  sed -n '2,14p' "$0"; exit 2
+fi
+CONFIG=$1; WORKDIR=$2; shift 2
+NUM_PROCESSES=${NUM_PROCESSES:-1}
+DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-1}
+PORT=${PORT:-12355}
+PYTHON=${PYTHON:-python}
+cd "$(dirname "$0")/.."
+mkdir -p "$WORKDIR"
+export JAX_PLATFORMS=cpu
+export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS} ${XLA_FLAGS:-}"
+
+if [[ "$NUM_PROCESSES" -eq 1 ]]; then
+  exec "$PYTHON" -m mixreorg_jax.train --config="$CONFIG" --workdir="$WORKDIR" "$@"
+fi
+
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  # setsid: Ctrl-C reaches only this script, which forwards SIGTERM (not a SIGINT straight to every process).
+  setsid "$PYTHON" -m mixreorg_jax.train --config="$CONFIG" --workdir="$WORKDIR" \
+      --coordinator_address="127.0.0.1:${PORT}" --num_processes="$NUM_PROCESSES" --process_id="$i" "$@" \
+      > "$WORKDIR/process_$i.log" 2>&1 &
+  pids+=($!)
+done
+tail -n +1 -f "$WORKDIR/process_0.log" --pid="${pids[0]}" &
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"
