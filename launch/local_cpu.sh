@@ -31,6 +31,7 @@ if [[ "$NUM_PROCESSES" -eq 1 ]]; then
 fi
 
 pids=()
+for ((i = 0; i < NUM_PROCESSES; i++)); do : > "$WORKDIR/process_$i.log"; done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   # setsid: Ctrl-C reaches only this script, which forwards SIGTERM (not a SIGINT straight to every process).
