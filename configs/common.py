@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_ckpts = 3
   c.max_skipped_steps = 10  # halt after this many consecutive non-finite updates.
   c.profile_steps = 0  # > 0: write a profiler trace of this many steps after the first log_steps.
-  c.debug_nan_step = -1  # test hook: >= 0 poisons the gradient at this step (NaN guard tests).
+  c.debug_nan_step = -1  # test hook: >= 0 poisons the gradients from this step on (NaN guard tests) ...
+  c.debug_nan_steps = 1  # ... for this many steps.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices.
 
   c.input = ml_collections.ConfigDict()

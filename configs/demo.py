@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.input.image_size = 64
   c.input.data_dir = ""  # the synthetic data, generated into input.synthetic_dir on first use.
   c.input.tokenizer = "sentencepiece"
-  c.input.context_length = 16
+  c.input.context_length = 32
   c.input.num_nouns = 0
   c.input.shuffle_buffer = 2000
   c.input.crop_scale = (0.5, 1.0)
@@ -47,7 +47,7 @@ def get_config(arg=None):
   v.patch_size, v.image_size, v.drop_path_rate = 8, 64, 0.0
   t = c.model.text
   t.vocab_size, t.width, t.num_layers, t.num_heads, t.mlp_dim = 512, 128, 2, 4, 512
-  t.context_length, t.eot_id = 16, 2
+  t.context_length, t.eot_id = 32, 2
 
   c.mix.context_layers = 2
   c.optim.base_lr = 1e-3

@@ -42,6 +42,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
 
+MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the device; enough to overlap input with compute.
+
 # The workdir layout that tools/export.py reads back.
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -261,6 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
           state, metrics = compiled(state, batch)
         pending.append(metrics)
+        if len(pending) > MAX_STEPS_IN_FLIGHT:
+          # Dispatch is asynchronous: without a bound the host would queue a whole log window of steps ahead
+          # of the device, holding their batches in memory and delaying a preemption save by that much.
+          jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
         if step % config.log_steps == 0 or step == config.total_steps:
           fetched = jax.device_get(pending)  # one host sync per log window, not per step.
           summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]

@@ -74,7 +74,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: groupvi
   if config.debug_nan_step >= 0:  # Test hook for the NaN guard; absent from the compiled step otherwise.
     # Poisons config.debug_nan_steps (default 1) steps from step debug_nan_step on (halting needs a run of them).
     first = config.debug_nan_step
-    poisoned = (state.step >= first) & (state.step < first + config.get("debug_nan_steps", 1))
+    poisoned = (state.step >= first) & (state.step < first + config.debug_nan_steps)
     grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/inf anywhere makes the norm non-finite.
