@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.optim.min_lr = 1e-5
   c.optim.warmup_steps = 50
 
-  c.eval.config = "configs/eval/voc_layout.py"
+  c.eval.config = "configs/eval/synthetic.py"
   c.eval.every_steps = 0  # evaluated once at the end (eval.every_steps > 0 adds periodic runs).
   for key, value in VARIANTS[variant].items():
     section, name = key.split(".")
