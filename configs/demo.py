@@ -24,7 +24,7 @@ def get_config(arg=None):
   if variant not in VARIANTS:
     raise ValueError(f"configs/demo.py:{variant}: unknown variant; expected one of {sorted(VARIANTS)}.")
   c = common.base_config()
-  c.total_steps = 600
+  c.total_steps = 450
   c.log_steps = 25
   c.ckpt_steps = 200
   c.keep_ckpts = 2

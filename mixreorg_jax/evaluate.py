@@ -175,6 +175,47 @@ def chance_miou(model, variables: Dict[str, Any], tokenizer, config: ml_collecti
   return run_protocol(model, variables, tokenizer, config, random_groups_seed=seed, progress=False)["mIoU"]
 
 
+def image_recognition(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
+                      image_size: int, batch_size: int = 64) -> Dict[str, float]:
+  """Image-level zero-shot recognition on the segmentation set: how often the class with the highest
+  image-level affinity (image embedding vs class prompts) is present in the ground truth.
+
+  Separates "the text-image alignment was learned" from "the segments were": a model can name what is in an image
+  long before its individual segments do. Images are resized to image_size x image_size. Returns top1 (percent)
+  and top1_chance: the expected top-1 of a uniformly random class (the mean share of classes present).
+  """
+  dataset = seg_datasets.from_config(config)
+  class_names = seg_datasets.prompt_class_names(config, dataset)
+  names = zeroshot.foreground_names(class_names, config.with_background)
+  offset = 1 if config.with_background else 0  # label id of names[0]
+  variables = _host_local(variables)
+  text_fn = zeroshot.make_text_fn(model)
+  class_emb = zeroshot.class_embeddings(lambda t: text_fn(variables, t), tokenizer, names, config.prompt_templates)
+  encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image).embedding)
+  hits, chance, images, present = [], [], [], []
+
+  def flush():
+    batch = np.stack(images + [images[-1]] * (batch_size - len(images)))  # pad: one compile
+    top = np.asarray(jax.numpy.argmax(encode(variables, batch) @ class_emb.T, axis=-1))[:len(images)]
+    hits.extend(int(t + offset) in p for t, p in zip(top, present))
+    images.clear()
+    present.clear()
+
+  for _, image, label in dataset:
+    classes = set(np.unique(label).tolist()) - {255, 0 if config.with_background else -1}
+    if not classes:
+      continue
+    resized = np.asarray(jax.image.resize(zeroshot.normalize_image(image), (image_size, image_size, 3), "bilinear"))
+    images.append(resized)
+    present.append(classes)
+    chance.append(len(classes) / len(names))
+    if len(images) == batch_size:
+      flush()
+  if images:
+    flush()
+  return {"top1": 100.0 * float(np.mean(hits)), "top1_chance": 100.0 * float(np.mean(chance))}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # From the trainer.
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +258,9 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
   if final:
     results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
                                                                      seed=config.get("seed", 0))
+    recognition = image_recognition(model, variables, tokenizer, eval_config, config.input.image_size)
+    results["eval/image_top1"] = extra["image_top1"] = recognition["top1"]
+    results["eval/image_top1_chance"] = extra["image_top1_chance"] = recognition["top1_chance"]
   if jax.process_index() == 0:
     write_results(summary, eval_config, output_dir, step, extra)
     jsonl = os.path.join(workdir, "metrics.jsonl")
