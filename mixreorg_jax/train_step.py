@@ -110,7 +110,7 @@ def jit_train_step(config, model, tx, schedule, mesh: Mesh, state_shardings) -> 
 
 
 def jit_init_state(config, model, tx, state_shardings) -> Callable:
-  """rng -> TrainState created directly in its sharded layout (no host copy of the parameters)."""
+  """rng -> TrainState created directly in its sharded layout (no host copy of the parameters); None = default."""
   return jax.jit(functools.partial(init_state, config, model, tx), out_shardings=state_shardings)
 
 

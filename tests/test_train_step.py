@@ -1,6 +1,4 @@
 """The sharded train step: identical across meshes, gradients reach the right places, it learns."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,7 +17,7 @@ from tests import helpers
 def _setup(config):
   model = groupvit.GroupViT.from_config(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.input.batch_size, config.total_steps)
-  state = jax.jit(functools.partial(train_step.init_state, config, model, tx))(jax.random.key(config.seed))
+  state = train_step.jit_init_state(config, model, tx, None)(jax.random.key(config.seed))  # default layout
   return model, tx, schedule, state
 
 
