@@ -24,7 +24,7 @@ def get_config(arg=None):
   if variant not in VARIANTS:
     raise ValueError(f"configs/demo.py:{variant}: unknown variant; expected one of {sorted(VARIANTS)}.")
   c = common.base_config()
-  c.total_steps = 450
+  c.total_steps = 300
   c.log_steps = 25
   c.ckpt_steps = 200
   c.keep_ckpts = 2
@@ -42,14 +42,18 @@ def get_config(arg=None):
   c.model.projection_dim = 64
   c.model.projection_hidden_dim = 256
   v = c.model.vision
-  v.width, v.num_heads, v.depths = 128, 4, (4, 2, 1)
+  v.width, v.num_heads, v.depths = 128, 4, (2, 2, 1)
   v.num_group_tokens, v.num_output_groups = (16, 8, 0), (16, 8, 8)
   v.patch_size, v.image_size, v.drop_path_rate = 8, 64, 0.0
+  # No Gumbel noise: at this length the assignment logits stay far below the noise's scale, so noisy hard
+  # assignments are random and the groups never sharpen (tuning split: max assignment probability 0.08 vs 0.33
+  # without noise). Two blocks before the first grouping keep the patch features local enough to group.
+  v.gumbel = False
   t = c.model.text
   t.vocab_size, t.width, t.num_layers, t.num_heads, t.mlp_dim = 512, 128, 2, 4, 512
   t.context_length, t.eot_id = 32, 2
 
-  c.mix.context_layers = 2
+  c.mix.context_layers = 1
   c.optim.base_lr = 1e-3
   c.optim.base_batch_size = 64
   c.optim.min_lr = 1e-5

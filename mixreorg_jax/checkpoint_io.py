@@ -67,12 +67,12 @@ def save_inference_checkpoint(directory: str, variables: Mapping[str, Any],
   return directory
 
 
-def _lists_to_tuples(value):
+def lists_to_tuples(value):
   """JSON turns tuples (depths, num_group_tokens, ...) into lists; the model config uses tuples."""
   if isinstance(value, dict):
-    return {k: _lists_to_tuples(v) for k, v in value.items()}
+    return {k: lists_to_tuples(v) for k, v in value.items()}
   if isinstance(value, list):
-    return tuple(_lists_to_tuples(v) for v in value)
+    return tuple(lists_to_tuples(v) for v in value)
   return value
 
 
@@ -87,7 +87,7 @@ def load_model_config(directory: str) -> Tuple[ml_collections.ConfigDict, Option
     config = json.load(f)
   if "model" not in config:
     raise ValueError(f"{path} has no 'model' block; it was not written by save_inference_checkpoint.")
-  return ml_collections.ConfigDict(_lists_to_tuples(config["model"])), config.get("tokenizer")
+  return ml_collections.ConfigDict(lists_to_tuples(config["model"])), config.get("tokenizer")
 
 
 def load_inference_checkpoint(directory: str) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:

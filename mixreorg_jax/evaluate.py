@@ -8,6 +8,7 @@ metrics.json (mIoU, per_class_iou, pixel_acc, mean_acc, num_images and the proto
 overlay pictures of the first config.num_visualizations images. The trainer calls `evaluate_train_state` with an
 eval config attached to the train config (config.eval).
 """
+import functools
 import importlib.util
 import json
 import math
@@ -28,6 +29,7 @@ import tqdm
 
 from mixreorg_jax import inference
 from mixreorg_jax import seg_metrics
+from mixreorg_jax import train_step
 from mixreorg_jax import visualize
 from mixreorg_jax import zeroshot
 from mixreorg_jax.data import seg_datasets
@@ -175,6 +177,16 @@ def chance_miou(model, variables: Dict[str, Any], tokenizer, config: ml_collecti
   return run_protocol(model, variables, tokenizer, config, random_groups_seed=seed, progress=False)["mIoU"]
 
 
+def untrained_miou(train_config: ml_collections.ConfigDict, model, state, tokenizer,
+                   config: ml_collections.ConfigDict) -> float:
+  """mIoU of the same protocol with the parameters the run started from (train_config.seed), laid out as the
+  trained ones: what pretraining added over a random network."""
+  shardings = jax.tree.map(lambda x: x.sharding, {"params": state.params, "batch_stats": state.batch_stats})
+  init = jax.jit(functools.partial(train_step.init_variables, train_config, model), out_shardings=shardings)
+  variables = init(jax.random.key(train_config.get("seed", 0)))
+  return run_protocol(model, variables, tokenizer, config, progress=False)["mIoU"]
+
+
 def image_recognition(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
                       image_size: int, batch_size: int = 64) -> Dict[str, float]:
   """Image-level zero-shot recognition on the segmentation set: how often the class with the highest
@@ -258,6 +270,8 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
   if final:
     results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
                                                                      seed=config.get("seed", 0))
+    results["eval/untrained_mIoU"] = extra["untrained_mIoU"] = untrained_miou(config, model, state, tokenizer,
+                                                                              eval_config)
     recognition = image_recognition(model, variables, tokenizer, eval_config, config.input.image_size)
     results["eval/image_top1"] = extra["image_top1"] = recognition["top1"]
     results["eval/image_top1_chance"] = extra["image_top1_chance"] = recognition["top1_chance"]

@@ -42,11 +42,18 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[st
   return batch
 
 
-def init_state(config, model: groupvit.GroupViT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  """Initialises parameters (float32), batch statistics and optimiser state."""
-  init_rng, state_rng = jax.random.split(rng)
+def init_variables(config, model: groupvit.GroupViT, rng: jax.Array) -> Dict[str, Any]:
+  """The untrained {"params", "batch_stats"} that `init_state(..., rng)` starts from (same rng, same values)."""
+  init_rng, _ = jax.random.split(rng)
   batch = example_batch(config, 2)
   variables = model.init({"params": init_rng}, batch["image"], batch["text"])
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def init_state(config, model: groupvit.GroupViT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """Initialises parameters (float32), batch statistics and optimiser state."""
+  _, state_rng = jax.random.split(rng)
+  variables = init_variables(config, model, rng)
   params = variables["params"]
   zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  distinct buffers, as the state is donated.
   return TrainState(step=zero(), params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params),

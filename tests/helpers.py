@@ -15,6 +15,7 @@ def tiny_config(**overrides):
   v = c.model.vision
   v.width, v.num_heads, v.depths, v.patch_size, v.image_size = 32, 2, (2, 1, 1), 8, 32
   v.num_group_tokens, v.num_output_groups = (8, 4, 0), (8, 4, 4)
+  v.gumbel = True  # GroupViT's default, so the step tests cover the Gumbel stream (the demo turns it off).
   t = c.model.text
   t.vocab_size, t.width, t.num_layers, t.num_heads, t.mlp_dim, t.context_length, t.eot_id = 64, 32, 1, 2, 64, 8, 2
   c.model.projection_dim, c.model.projection_hidden_dim = 16, 32

@@ -1,4 +1,5 @@
 """The evaluate command and the trainer's hook: metrics.json, TensorBoard, predictions, examples, chance, curves."""
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from mixreorg_jax import checkpoint_io
 from mixreorg_jax import evaluate
+from mixreorg_jax import train_step
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.models import groupvit
 from tests.helpers import tiny_config
@@ -70,11 +72,13 @@ def test_evaluate_cli_writes_metrics_predictions_and_pictures(tmp_path):
   assert pred.mode == "P" and pred.size == Image.open(tmp_path / "voc" / "SegmentationClass" / truth[0]).size
 
 
-def test_evaluate_train_state_returns_finite_metrics_and_chance(tmp_path):
+def test_evaluate_train_state_returns_finite_metrics_and_baselines(tmp_path):
   synthetic.write_voc_split(str(tmp_path / "synth" / "voc"), 3, 64, 0, "voc")
   config = tiny_train_config(tmp_path / "synth")
   config.eval.max_images = 2
-  model, variables = init_variables(config)
+  model = groupvit.GroupViT.from_config(config.model)
+  # The parameters the run would start from: the untrained baseline must then score exactly the same.
+  variables = jax.jit(functools.partial(train_step.init_variables, config, model))(jax.random.key(config.seed))
   state = types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"])
   workdir = tmp_path / "work"
   workdir.mkdir()
@@ -82,8 +86,9 @@ def test_evaluate_train_state_returns_finite_metrics_and_chance(tmp_path):
     for step in (10, 20):
       f.write(json.dumps({"step": step, "train/loss": 3.0 / step, "train/loss_seg": 0.5, "train/seg_acc": 0.6}) + "\n")
   results = evaluate.evaluate_train_state(config, model, state, str(workdir), step=20, final=True)
-  assert {"eval/mIoU", "eval/pixel_acc", "eval/chance_mIoU"} <= set(results)
+  assert {"eval/mIoU", "eval/pixel_acc", "eval/chance_mIoU", "eval/untrained_mIoU"} <= set(results)
   assert all(np.isfinite(v) for v in results.values())
+  assert results["eval/untrained_mIoU"] == pytest.approx(results["eval/mIoU"], abs=1e-6)
   with open(workdir / "eval" / "voc_layout" / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["num_images"] == 2 and metrics["step"] == 20

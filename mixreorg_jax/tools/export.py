@@ -47,7 +47,7 @@ def load_train_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: pass --workdir of a training run, or give --config=configs/X.py.")
   with open(path) as f:
-    return ml_collections.ConfigDict(checkpoint_io._lists_to_tuples(json.load(f)))  # pylint: disable=protected-access
+    return ml_collections.ConfigDict(checkpoint_io.lists_to_tuples(json.load(f)))
 
 
 def restore_variables(workdir: str, config: ml_collections.ConfigDict,

@@ -5,7 +5,8 @@ r"""Runs the demo ablation (same data, steps and seeds) and writes a markdown ta
 Each (variant, seed) trains `configs/demo.py:<variant>` in its own process and evaluates zero-shot on the held-out
 synthetic set; finished runs are reused, so an interrupted sweep resumes. Extra `--config.*` arguments are passed
 to every run (e.g. `--config.total_steps=300` for a quicker sweep). The table reports mean ± standard deviation
-over seeds, and the chance baseline (random group assignment) computed with the same protocol.
+over seeds, and two baselines computed with the same protocol: chance (random group assignment) and the
+untrained model.
 """
 import json
 import os
@@ -62,17 +63,22 @@ def table(results: Dict[str, List[Dict[str, float]]]) -> str:
     mious = np.array([r["eval/mIoU"] for r in runs])
     lines.append(f"| {DESCRIPTIONS[variant]} | {mious.mean():.1f} ± {mious.std():.1f} | "
                  f"{', '.join(f'{m:.1f}' for m in mious)} |")
-  chance = [r["eval/chance_mIoU"] for runs in results.values() for r in runs if "eval/chance_mIoU" in r]
-  if chance:
-    lines.append(f"| chance (random group assignment) | {np.mean(chance):.1f} | |")
+  baselines = (("eval/chance_mIoU", "chance (random group assignment)"),
+               ("eval/untrained_mIoU", "untrained model (the runs' initial parameters)"))
+  for key, description in baselines:
+    values = [r[key] for runs in results.values() for r in runs if key in r]
+    if values:
+      lines.append(f"| {description} | {np.mean(values):.1f} ± {np.std(values):.1f} | over {len(values)} runs |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   extra = [a for a in argv[1:] if a.startswith("--config.")]
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  results = {v: [run(v, s, os.path.join(FLAGS.workdir, f"{v}_seed{s}"), extra) for s in FLAGS.seeds]
-             for v in FLAGS.variants}
+  # Seed-major order: an interrupted sweep has every variant at the same number of seeds.
+  runs = {(v, s): run(v, s, os.path.join(FLAGS.workdir, f"{v}_seed{s}"), extra)
+          for s in FLAGS.seeds for v in FLAGS.variants}
+  results = {v: [runs[v, s] for s in FLAGS.seeds] for v in FLAGS.variants}
   text = table(results)
   output = FLAGS.output or os.path.join(FLAGS.workdir, "ablation.md")
   with open(output, "w") as f:
