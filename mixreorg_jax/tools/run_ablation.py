@@ -27,11 +27,15 @@ DESCRIPTIONS = {
     "no_restore": "MixReorg, `loss.w_rest=0`",
 }
 
-flags.DEFINE_string("workdir", "workdirs/ablation", "One sub-directory per run goes here.")
-flags.DEFINE_list("variants", list(VARIANTS), "Variants of configs/demo.py to run.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values.")
-flags.DEFINE_string("output", "", "Markdown table path (default <workdir>/ablation.md).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined when run as a script only, so that importing `table` defines no flags (tools share names)."""
+  flags.DEFINE_string("workdir", "workdirs/ablation", "One sub-directory per run goes here.")
+  flags.DEFINE_list("variants", list(VARIANTS), "Variants of configs/demo.py to run.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values.")
+  flags.DEFINE_string("output", "", "Markdown table path (default <workdir>/ablation.md).")
 
 
 def final_metrics(run_dir: str) -> Dict[str, float]:
@@ -87,5 +91,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   # --config.* arguments are not ours: they are left in argv and passed on to every run.
   app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
