@@ -14,7 +14,7 @@ import pytest
 
 from tests import test_train_common as common
 
-E2E_STEPS = 200  # ~5 minutes of the demo model on 2 CPU cores
+E2E_STEPS = 200  # ~4 minutes of the demo model on 2 CPU cores, evaluation included
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,10 @@ def test_caption_pretraining_learns_zero_shot_recognition_end_to_end(synthetic_d
   results = {}
   for row in common.read_metrics(workdir):
     results.update({k: v for k, v in row.items() if k.startswith("eval/")})
-  for key in ("eval/mIoU", "eval/chance_mIoU", "eval/pixel_acc"):
+  for key in ("eval/mIoU", "eval/chance_mIoU", "eval/untrained_mIoU", "eval/pixel_acc"):
     assert math.isfinite(results[key]) and 0 <= results[key] <= 100, (key, results)
-  # Class names alone pick a class that is in the image far more often than chance (measured: 70% vs 22%).
+  # Class names alone pick a class that is in the image far more often than chance (measured on all 500 held-out
+  # images: 74% vs 23%).
   assert results["eval/image_top1"] > 2 * results["eval/image_top1_chance"], results
   losses = common.losses(workdir)
   assert losses[E2E_STEPS] < losses[50], losses
