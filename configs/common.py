@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.shuffle_buffer = 10_000
   c.input.crop_scale = (0.08, 1.0)
   c.input.color_jitter = 0.0
+  c.input.normalization = "clip"  # pixel statistics, "clip" or "imagenet"; exported checkpoints record it.
   c.input.seed = 0
   c.input.deterministic = True  # same batches in the same order under input.seed (exact resume needs it).
   c.input.num_parallel_calls = -1  # tf.data.AUTOTUNE

@@ -5,6 +5,8 @@ A directory written by `save_inference_checkpoint` holds
   DIR/variables/          an orbax checkpoint of {"params": ..., "batch_stats": ...} (float32 arrays)
   DIR/model_config.json   config.model as JSON, plus an optional "tokenizer" block
                           {"kind": "clip_bpe" | "sentencepiece", "path": ..., "context_length": ...}
+                          and "image_normalization": the pixel statistics the weights expect ("clip" for
+                          models trained here by default, "imagenet" for GroupViT's public weights)
 
 Both the GroupViT converter (`tools/convert_groupvit.py`) and the trainer's export write it, and
 `inference.load` reads it, so a converted and a trained model load the same way.
@@ -41,10 +43,12 @@ def _host_arrays(tree):
 
 def save_inference_checkpoint(directory: str, variables: Mapping[str, Any],
                               model_config: ml_collections.ConfigDict,
-                              tokenizer: Optional[Mapping[str, Any]] = None) -> str:
+                              tokenizer: Optional[Mapping[str, Any]] = None,
+                              image_normalization: str = "clip") -> str:
   """Writes `variables` ({"params", "batch_stats"}) and `model_config` (config.model) into `directory`.
 
-  tokenizer: optional `tokenizer_info(...)` block stored alongside the model config. The write is synchronous and
+  tokenizer: optional `tokenizer_info(...)` block stored alongside the model config. image_normalization: the
+  pixel statistics the weights were trained with (config.input.normalization). The write is synchronous and
   refuses to overwrite an existing checkpoint. Returns the absolute directory.
   """
   directory = os.path.abspath(directory)
@@ -58,7 +62,7 @@ def save_inference_checkpoint(directory: str, variables: Mapping[str, Any],
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, tree)
-  config = {"model": model_config.to_dict()}
+  config = {"model": model_config.to_dict(), "image_normalization": str(image_normalization)}
   if tokenizer is not None:
     config["tokenizer"] = tokenizer_info(tokenizer["kind"], tokenizer["path"], tokenizer["context_length"])
   if jax.process_index() == 0:  # every host calls this (orbax saves collectively); one writes the config.
@@ -76,8 +80,8 @@ def lists_to_tuples(value):
   return value
 
 
-def load_model_config(directory: str) -> Tuple[ml_collections.ConfigDict, Optional[Dict[str, Any]]]:
-  """-> (config.model ConfigDict, tokenizer block or None) from DIR/model_config.json."""
+def _read_config(directory: str) -> Dict[str, Any]:
+  """DIR/model_config.json as a dict, checked to have a "model" block."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -87,7 +91,18 @@ def load_model_config(directory: str) -> Tuple[ml_collections.ConfigDict, Option
     config = json.load(f)
   if "model" not in config:
     raise ValueError(f"{path} has no 'model' block; it was not written by save_inference_checkpoint.")
+  return config
+
+
+def load_model_config(directory: str) -> Tuple[ml_collections.ConfigDict, Optional[Dict[str, Any]]]:
+  """-> (config.model ConfigDict, tokenizer block or None) from DIR/model_config.json."""
+  config = _read_config(directory)
   return ml_collections.ConfigDict(lists_to_tuples(config["model"])), config.get("tokenizer")
+
+
+def load_image_normalization(directory: str) -> str:
+  """The pixel statistics a checkpoint's weights expect ("clip" when the checkpoint does not say)."""
+  return _read_config(directory).get("image_normalization", "clip")
 
 
 def load_inference_checkpoint(directory: str) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:

@@ -81,8 +81,10 @@ def _host_local(tree):
 def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
                  random_groups_seed: Optional[int] = None, progress: bool = True,
                  visualization_dir: str = "", num_visualizations: int = 0,
-                 dataset: Optional[seg_datasets.SegDataset] = None) -> Dict[str, Any]:
-  """Segments every image of config's dataset; -> seg_metrics.summarize(...) plus num_images.
+                 dataset: Optional[seg_datasets.SegDataset] = None, image_normalization: str = "clip"
+                 ) -> Dict[str, Any]:
+  """Segments every image of config's dataset; -> seg_metrics.summarize(...) plus num_images, images_per_sec and
+  groups_per_image (distinct groups of the argmax group map, averaged over images).
 
   Args:
     model: the GroupViT module; variables: its {"params", "batch_stats"}.
@@ -93,6 +95,7 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
     visualization_dir / num_visualizations: overlay pictures (prediction, ground truth, groups) of the first
       images; save_predictions (config) writes palette PNG label maps named like the ground truth.
     dataset: the dataset of config, if already opened.
+    image_normalization: the pixel statistics the model expects ("clip" or "imagenet").
   With several processes, each segments every process_count-th image and the confusion matrices are summed.
   """
   dataset = dataset or seg_datasets.from_config(config)
@@ -103,7 +106,8 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
   class_emb = zeroshot.class_embeddings(lambda t: text_fn(variables, t), tokenizer,
                                         zeroshot.foreground_names(class_names, config.with_background),
                                         config.prompt_templates)
-  segmenter = zeroshot.SlidingWindowSegmenter(model, variables, class_emb, protocol, random_groups_seed)
+  segmenter = zeroshot.SlidingWindowSegmenter(model, variables, class_emb, protocol, random_groups_seed,
+                                              image_normalization)
 
   rank, count = jax.process_index(), jax.process_count()
   examples = {}  # name -> (image, label) of images in flight (a few, crops are batched across images).
@@ -115,7 +119,7 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
         yield name, image
 
   confusion = np.zeros((len(class_names), len(class_names)), np.int64)
-  num_images, start = 0, time.time()
+  num_images, num_groups, start = 0, 0, time.time()
   bar = tqdm.tqdm(total=len(dataset), unit="img", desc=dataset.name, disable=not progress or rank > 0)
   for name, scores, groups in segmenter(inputs()):
     image, label = examples.pop(name)
@@ -132,13 +136,18 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
            visualize.groups_panel(image, groups)], titles=("prediction", "ground truth", "groups"))
       _save_picture(picture, os.path.join(visualization_dir, name.replace("/", "_") + ".png"))
     num_images += 1
+    num_groups += len(np.unique(groups))
     bar.update(count)
   bar.close()
   if count > 1:
     confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
-    num_images = int(np.asarray(multihost_utils.process_allgather(np.int64(num_images))).sum())
+    totals = np.asarray(multihost_utils.process_allgather(np.array([num_images, num_groups], np.int64)))
+    num_images, num_groups = (int(v) for v in totals.sum(axis=0))
   summary = seg_metrics.summarize(confusion, class_names)
   summary["num_images"] = num_images
+  # Distinct groups in the argmax group map per image (with sliding windows, of the last window over each pixel):
+  # ~1 means the grouping collapsed onto one segment.
+  summary["groups_per_image"] = num_groups / max(num_images, 1)
   summary["images_per_sec"] = num_images / max(time.time() - start, 1e-9)
   return summary
 
@@ -171,10 +180,11 @@ def write_results(summary: Dict[str, Any], config: ml_collections.ConfigDict, ou
 
 
 def chance_miou(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
-                seed: int = 0) -> float:
+                seed: int = 0, image_normalization: str = "clip") -> float:
   """mIoU of the same protocol with every patch assigned to a uniformly random group (seeded): the baseline
   a grouping must beat for its segments to mean anything."""
-  return run_protocol(model, variables, tokenizer, config, random_groups_seed=seed, progress=False)["mIoU"]
+  return run_protocol(model, variables, tokenizer, config, random_groups_seed=seed, progress=False,
+                      image_normalization=image_normalization)["mIoU"]
 
 
 def untrained_miou(train_config: ml_collections.ConfigDict, model, state, tokenizer,
@@ -184,11 +194,12 @@ def untrained_miou(train_config: ml_collections.ConfigDict, model, state, tokeni
   shardings = jax.tree.map(lambda x: x.sharding, {"params": state.params, "batch_stats": state.batch_stats})
   init = jax.jit(functools.partial(train_step.init_variables, train_config, model), out_shardings=shardings)
   variables = init(jax.random.key(train_config.get("seed", 0)))
-  return run_protocol(model, variables, tokenizer, config, progress=False)["mIoU"]
+  return run_protocol(model, variables, tokenizer, config, progress=False,
+                      image_normalization=train_config.input.get("normalization", "clip"))["mIoU"]
 
 
 def image_recognition(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
-                      image_size: int, batch_size: int = 64) -> Dict[str, float]:
+                      image_size: int, batch_size: int = 64, image_normalization: str = "clip") -> Dict[str, float]:
   """Image-level zero-shot recognition on the segmentation set: how often the class with the highest
   image-level affinity (image embedding vs class prompts) is present in the ground truth.
 
@@ -217,7 +228,8 @@ def image_recognition(model, variables: Dict[str, Any], tokenizer, config: ml_co
     classes = set(np.unique(label).tolist()) - {255, 0 if config.with_background else -1}
     if not classes:
       continue
-    resized = np.asarray(jax.image.resize(zeroshot.normalize_image(image), (image_size, image_size, 3), "bilinear"))
+    normalized = zeroshot.normalize_image(image, image_normalization)
+    resized = np.asarray(jax.image.resize(normalized, (image_size, image_size, 3), "bilinear"))
     images.append(resized)
     present.append(classes)
     chance.append(len(classes) / len(names))
@@ -255,24 +267,28 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
   """Evaluates a TrainState (.params, .batch_stats) with config.eval; -> {"eval/mIoU", "eval/pixel_acc", ...}.
 
   Writes workdir/eval/<dataset>/metrics.json and TensorBoard scalars. With final: also example pictures into
-  workdir/examples/, the chance baseline ("eval/chance_mIoU") and workdir/training_curves.png.
+  workdir/examples/, the chance baseline ("eval/chance_mIoU"), the untrained baseline ("eval/untrained_mIoU"),
+  image-level recognition ("eval/image_top1" and its chance) and workdir/training_curves.png.
   """
   eval_config = eval_config_for_training(config, final)
   tokenizer = tokenizers.make_tokenizer(config.input)
+  normalization = config.input.get("normalization", "clip")
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   output_dir = os.path.join(workdir, "eval", eval_config.data.name)
   summary = run_protocol(model, variables, tokenizer, eval_config, progress=False,
                          visualization_dir=os.path.join(workdir, "examples") if final else "",
-                         num_visualizations=eval_config.num_visualizations if final else 0)
+                         num_visualizations=eval_config.num_visualizations if final else 0,
+                         image_normalization=normalization)
   results = {"eval/mIoU": summary["mIoU"], "eval/pixel_acc": summary["pixel_acc"],
-             "eval/mean_acc": summary["mean_acc"]}
+             "eval/mean_acc": summary["mean_acc"], "eval/groups_per_image": summary["groups_per_image"]}
   extra = {}
   if final:
     results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
-                                                                     seed=config.get("seed", 0))
+                                                                     config.get("seed", 0), normalization)
     results["eval/untrained_mIoU"] = extra["untrained_mIoU"] = untrained_miou(config, model, state, tokenizer,
                                                                               eval_config)
-    recognition = image_recognition(model, variables, tokenizer, eval_config, config.input.image_size)
+    recognition = image_recognition(model, variables, tokenizer, eval_config, config.input.image_size,
+                                    image_normalization=normalization)
     results["eval/image_top1"] = extra["image_top1"] = recognition["top1"]
     results["eval/image_top1_chance"] = extra["image_top1_chance"] = recognition["top1_chance"]
   if jax.process_index() == 0:
@@ -325,11 +341,14 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   output_dir = output_dir or os.path.join(checkpoint, "eval", config.data.name)
   dataset = seg_datasets.from_config(config)
   print(protocol_text(config, seg_datasets.prompt_class_names(config, dataset)), flush=True)
+  print(f"image normalization: {model.image_normalization} (from the checkpoint)", flush=True)
   summary = run_protocol(model.model, model.variables, zeroshot.checkpoint_tokenizer(model.tokenizer), config,
                          visualization_dir=os.path.join(output_dir, "visualizations"),
-                         num_visualizations=config.num_visualizations, dataset=dataset)
+                         num_visualizations=config.num_visualizations, dataset=dataset,
+                         image_normalization=model.image_normalization)
   print(seg_metrics.format_table(summary), flush=True)
-  print(f"{summary['num_images']} images, {summary['images_per_sec']:.2f} images/s", flush=True)
+  print(f"{summary['num_images']} images, {summary['images_per_sec']:.2f} images/s, "
+        f"{summary['groups_per_image']:.1f} groups per image", flush=True)
   if jax.process_index() == 0:
     path = write_results(summary, config, output_dir, extra={"checkpoint": os.path.abspath(checkpoint)})
     print(f"wrote {path}", flush=True)

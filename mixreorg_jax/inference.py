@@ -1,6 +1,7 @@
 """Inference API over an inference checkpoint (converted GroupViT weights or a trained-model export).
 
   model = inference.load("/path/to/checkpoint")
+  images = zeroshot.normalize_image(pixels, model.image_normalization)  # uint8 [B, H, W, 3] -> float32
   image_emb = model.encode_image(images)        # float32 [B, H, W, 3], normalised -> [B, D], L2-normalised
   text_emb = model.encode_text(token_ids)       # int32 [B, L] -> [B, D], L2-normalised
   groups = model.group_assignments(images)      # [B, N, G], soft patch-to-segment, rows sum to 1
@@ -23,15 +24,18 @@ class InferenceModel:
   """A GroupViT with its variables, and jitted eval-mode encoders.
 
   Attributes: `model` (the flax module), `variables` ({"params", "batch_stats"}), `config` (config.model) and
-  `tokenizer` (the checkpoint's tokenizer block {"kind", "path", "context_length"}, or None).
+  `tokenizer` (the checkpoint's tokenizer block {"kind", "path", "context_length"}, or None) and
+  `image_normalization` (the pixel statistics the weights expect: "clip" or "imagenet", see
+  `zeroshot.normalize_image`).
   """
 
   def __init__(self, model: groupvit.GroupViT, variables: Dict[str, Any], config: ml_collections.ConfigDict,
-               tokenizer: Optional[Dict[str, Any]] = None):
+               tokenizer: Optional[Dict[str, Any]] = None, image_normalization: str = "clip"):
     self.model = model
     self.variables = variables
     self.config = config
     self.tokenizer = tokenizer
+    self.image_normalization = image_normalization
     self._image = jax.jit(self._image_outputs)
     self._encode_text = jax.jit(functools.partial(model.apply, method=groupvit.GroupViT.encode_text))
 
@@ -68,4 +72,5 @@ def load(checkpoint_dir: str) -> InferenceModel:
   """Loads a checkpoint written by `checkpoint_io.save_inference_checkpoint` (converter or trainer export)."""
   variables, config = checkpoint_io.load_inference_checkpoint(checkpoint_dir)
   _, tokenizer = checkpoint_io.load_model_config(checkpoint_dir)
-  return InferenceModel(groupvit.GroupViT.from_config(config), variables, config, tokenizer)
+  return InferenceModel(groupvit.GroupViT.from_config(config), variables, config, tokenizer,
+                        checkpoint_io.load_image_normalization(checkpoint_dir))

@@ -57,7 +57,8 @@ def segment_image(model: inference.InferenceModel, image: np.ndarray, class_name
     protocol = zeroshot.Protocol(protocol.short_side, protocol.window, protocol.stride, 1, -1.0, False,
                                  protocol.batch_size)
     names = ()
-  segmenter = zeroshot.SlidingWindowSegmenter(model.model, model.variables, class_emb, protocol)
+  segmenter = zeroshot.SlidingWindowSegmenter(model.model, model.variables, class_emb, protocol,
+                                              image_normalization=model.image_normalization)
   (_, logits, groups), = list(segmenter([("image", image)]))
   if not class_names:
     return dict(logits=None, labels=None, groups=groups, class_names=names)

@@ -86,8 +86,10 @@ def initialize_distributed() -> None:
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Every check that can fail before anything compiles, each naming the config key to change."""
-  from mixreorg_jax.data import tokenizers  # noqa: PLC0415  (TF is imported only when training)
+  from mixreorg_jax.data import preprocess  # noqa: PLC0415  (TF is imported only when training)
+  from mixreorg_jax.data import tokenizers  # noqa: PLC0415
   train_step.check_batch(config, mesh)
+  preprocess.pixel_statistics(config.input.normalization)
   if config.input.batch_size % jax.process_count():
     raise ValueError(f"config.input.batch_size={config.input.batch_size} must divide over "
                      f"{jax.process_count()} processes.")

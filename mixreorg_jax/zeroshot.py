@@ -270,10 +270,15 @@ def window_positions(height: int, width: int, window: int, stride: int) -> List[
   return [(y0, y1, x0, x1) for y0, y1 in starts(height) for x0, x1 in starts(width)]
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 or [0, 255] float [..., 3] -> float32 normalised as the training pipeline does (preprocess.normalize)."""
+def normalize_image(image: np.ndarray, normalization: str = "clip") -> np.ndarray:
+  """uint8 or [0, 255] float [..., 3] -> float32 normalised as the training pipeline does (preprocess.normalize).
+
+  normalization: the pixel statistics the model expects, "clip" or "imagenet" (`InferenceModel.image_normalization`,
+  config.input.normalization).
+  """
+  mean, std = preprocess.pixel_statistics(normalization)
   x = np.asarray(image, np.float32) / 255.0
-  return (x - np.asarray(preprocess.CLIP_MEAN, np.float32)) / np.asarray(preprocess.CLIP_STD, np.float32)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 @dataclasses.dataclass
@@ -295,10 +300,13 @@ class SlidingWindowSegmenter:
       label = logits.argmax(0)      # logits float32 [C, H, W], groups int32 [H, W] at the original size
 
   random_groups_seed: if set, the chance baseline (each patch's group uniform at random, seeded per crop batch).
+  image_normalization: the pixel statistics the model expects (`normalize_image`).
   """
 
   def __init__(self, model: groupvit.GroupViT, variables: Dict[str, Any], class_emb: jax.Array,
-               protocol: Protocol, random_groups_seed: Optional[int] = None):
+               protocol: Protocol, random_groups_seed: Optional[int] = None, image_normalization: str = "clip"):
+    preprocess.pixel_statistics(image_normalization)  # an unknown name fails here, not on the first image.
+    self.image_normalization = image_normalization
     self.variables = variables
     self.class_emb = class_emb
     self.protocol = protocol
@@ -348,7 +356,7 @@ class SlidingWindowSegmenter:
       image = np.asarray(image)
       h0, w0 = image.shape[:2]
       h, w = resized_shape(h0, w0, p.short_side)
-      resized = normalize_image(resize_bilinear(image.astype(np.float32), (h, w)))
+      resized = normalize_image(resize_bilinear(image.astype(np.float32), (h, w)), self.image_normalization)
       boxes = window_positions(h, w, p.window, p.stride)
       item = _Pending(key, (h0, w0), None, np.zeros((h, w), np.int32), np.zeros((h, w), np.int32), len(boxes))
       pending.append(item)

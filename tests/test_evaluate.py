@@ -89,6 +89,7 @@ def test_evaluate_train_state_returns_finite_metrics_and_baselines(tmp_path):
   assert {"eval/mIoU", "eval/pixel_acc", "eval/chance_mIoU", "eval/untrained_mIoU"} <= set(results)
   assert all(np.isfinite(v) for v in results.values())
   assert results["eval/untrained_mIoU"] == pytest.approx(results["eval/mIoU"], abs=1e-6)
+  assert 1 <= results["eval/groups_per_image"] <= config.model.vision.num_output_groups[-1]
   with open(workdir / "eval" / "voc_layout" / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["num_images"] == 2 and metrics["step"] == 20

@@ -62,6 +62,7 @@ def test_nan_guard_skips_counts_and_export_loads(synthetic_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = common.train_config(synthetic_dir, total_steps=4, debug_nan_step=1, max_skipped_steps=3)
   config.debug_nan_steps = 2  # poisons the 2nd and 3rd steps.
+  config.input.normalization = "imagenet"  # the export records the pixel statistics the weights were trained with.
   train.train_and_evaluate(config, workdir)
   by_step = {m["step"]: m for m in common.read_metrics(workdir) if "train/loss" in m}
   assert [by_step[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
@@ -74,6 +75,7 @@ def test_nan_guard_skips_counts_and_export_loads(synthetic_dir, tmp_path):
   out = export.export(workdir, str(tmp_path / "export"))
   model = inference.load(out)
   assert model.tokenizer == {"kind": "sentencepiece", "path": "", "context_length": 8}
+  assert model.image_normalization == "imagenet"
   np.testing.assert_array_equal(np.asarray(model.variables["params"]["logit_scale"]),
                                 variables["params"]["logit_scale"])
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
@@ -98,6 +100,7 @@ def test_nan_guard_halts_after_max_skipped_steps(synthetic_dir, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ({"mix.group_size": 4}, "config.mix.group_size"),  # K = 4 does not divide the per-device batch of 16 / 8 devices.
     ({"input.data_dir": "/nonexistent/train-*.tfrecord"}, "config.input.data_dir"),
+    ({"input.normalization": "imagenet21k"}, "config.input.normalization"),
     ({"input.image_size": 36}, "config.input.image_size"),
 ])
 def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):

@@ -103,6 +103,7 @@ def test_converted_checkpoint_evaluates_on_synthetic_voc_layout(tmp_path):
   parity.make_hf_model(name).save_pretrained(tmp_path / "hf")
   parity.run_converter(tmp_path / "hf", tmp_path / "ours")
   model = inference.load(str(tmp_path / "ours"))
+  assert model.image_normalization == "imagenet"  # what GroupViT's weights were trained and evaluated with.
   synthetic.write_voc_split(str(tmp_path / "voc"), 3, 64, 0, "voc")
   config = voc_layout.get_config()
   config.data.root = str(tmp_path / "voc")
@@ -192,8 +193,8 @@ def test_windows_cover_the_image_like_mmseg(hw):
 class _EchoSegmenter(zeroshot.SlidingWindowSegmenter):
   """Scores of a crop = its normalised pixels: averaging overlapping crops must give back the image."""
 
-  def __init__(self, protocol):  # pylint: disable=super-init-not-called
-    self.protocol, self.crop_shapes = protocol, []
+  def __init__(self, protocol, image_normalization):  # pylint: disable=super-init-not-called
+    self.protocol, self.image_normalization, self.crop_shapes = protocol, image_normalization, []
 
   def _run(self, crops):
     self.crop_shapes.append([c.shape for c in crops])
@@ -205,12 +206,12 @@ def test_sliding_windows_average_overlaps_in_place_and_batch_across_images():
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 255, (50, 70, 3), np.uint8), rng.integers(0, 255, (30, 30, 3), np.uint8),
             rng.integers(0, 255, (40, 33, 3), np.uint8)]
-  segmenter = _EchoSegmenter(zeroshot.Protocol(short_side=40, window=32, stride=12, batch_size=4))
+  segmenter = _EchoSegmenter(zeroshot.Protocol(short_side=40, window=32, stride=12, batch_size=4), "imagenet")
   results = list(segmenter(enumerate(images)))
   assert [k for k, _, _ in results] == [0, 1, 2]
   for (_, scores, groups), image in zip(results, images):
     resized = zeroshot.resize_bilinear(image.astype(np.float32), zeroshot.resized_shape(*image.shape[:2], 40))
-    expected = zeroshot.resize_bilinear(zeroshot.normalize_image(resized), image.shape[:2])
+    expected = zeroshot.resize_bilinear(zeroshot.normalize_image(resized, "imagenet"), image.shape[:2])
     assert scores.shape == (3,) + image.shape[:2] and groups.shape == image.shape[:2]
     np.testing.assert_allclose(scores, expected.transpose(2, 0, 1), atol=1e-5)
   assert all(len(batch) <= 4 for batch in segmenter.crop_shapes)
@@ -261,3 +262,15 @@ def test_random_assignment_is_one_hot_and_seeded():
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(np.asarray(a).sum(-1), 1.0)
   assert len(np.unique(np.asarray(a).argmax(-1))) == 4
+
+
+def test_normalize_image_uses_the_named_pixel_statistics():
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+  # GroupViT's mmseg eval config: img_norm_cfg mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375].
+  mmseg = (pixels - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
+  np.testing.assert_allclose(zeroshot.normalize_image(pixels, "imagenet"), mmseg, rtol=1e-5, atol=1e-5)
+  clip = (pixels / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258,
+                                                                                      0.27577711])
+  np.testing.assert_allclose(zeroshot.normalize_image(pixels), clip, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="config.input.normalization"):
+    zeroshot.normalize_image(pixels, "imagenet21k")

@@ -159,7 +159,8 @@ def _process_fn(cfg, sources: List[Dict[str, Any]], seed: int):
     ok = tf.equal(reason, 0)
     out = dict(index=index, reason=reason, text=text)
     out["image"] = tf.cond(
-        ok, lambda: preprocess.train_image(image, header, seeds[0], size, tuple(cfg.crop_scale), cfg.color_jitter),
+        ok, lambda: preprocess.train_image(image, header, seeds[0], size, tuple(cfg.crop_scale), cfg.color_jitter,
+                                           cfg.get("normalization", "clip")),
         lambda: tf.zeros([size, size, 3], tf.float32))
     if num_nouns:
       out["prompts"] = preprocess.noun_prompts(text, nouns, tuple(cfg.prompt_templates), num_nouns, seeds[1])

@@ -17,8 +17,11 @@ from typing import Dict, Sequence, Tuple
 
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP / GroupViT normalisation, on [0, 1] pixels.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, on [0, 1] pixels.
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what GroupViT's public weights were trained and evaluated with
+IMAGENET_STD = (0.229, 0.224, 0.225)  # (timm's DeiT transform; mmseg img_norm_cfg 123.675/58.395, ...).
+PIXEL_STATISTICS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 REASONS = ("ok", "empty_image", "unknown_format", "bad_header", "truncated", "too_small", "too_large",
            "empty_caption", "bad_caption_utf8", "decode_error")
 REASON_ID = {r: i for i, r in enumerate(REASONS)}
@@ -177,10 +180,19 @@ def _random_crop_window(header: Dict[str, tf.Tensor], seed: tf.Tensor, scale: Tu
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """uint8 or [0, 255] float [..., 3] -> CLIP-normalised float32."""
+def pixel_statistics(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+  """(mean, std) on [0, 1] pixels of config.input.normalization / a checkpoint's image_normalization."""
+  if name not in PIXEL_STATISTICS:
+    raise ValueError(f"image normalization {name!r}: expected one of {sorted(PIXEL_STATISTICS)} "
+                     "(config.input.normalization).")
+  return PIXEL_STATISTICS[name]
+
+
+def normalize(image: tf.Tensor, normalization: str = "clip") -> tf.Tensor:
+  """uint8 or [0, 255] float [..., 3] -> float32 normalised with the named pixel statistics."""
+  mean, std = pixel_statistics(normalization)
   x = tf.cast(image, tf.float32) / 255.0
-  return (x - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+  return (x - tf.constant(mean)) / tf.constant(std)
 
 
 def color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tensor:
@@ -194,8 +206,8 @@ def color_jitter(image: tf.Tensor, strength: float, seed: tf.Tensor) -> tf.Tenso
 
 
 def train_image(encoded: tf.Tensor, header: Dict[str, tf.Tensor], seed: tf.Tensor, image_size: int,
-                crop_scale=(0.08, 1.0), jitter: float = 0.0) -> tf.Tensor:
-  """Random resized crop + horizontal flip (+ colour jitter) -> CLIP-normalised float32 [S, S, 3].
+                crop_scale=(0.08, 1.0), jitter: float = 0.0, normalization: str = "clip") -> tf.Tensor:
+  """Random resized crop + horizontal flip (+ colour jitter) -> normalised float32 [S, S, 3].
 
   JPEGs decode only the crop window (tf.io.decode_and_crop_jpeg), the dominant cost at 224 px.
   """
@@ -209,10 +221,10 @@ def train_image(encoded: tf.Tensor, header: Dict[str, tf.Tensor], seed: tf.Tenso
   image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if jitter:
     image = color_jitter(image / 255.0, jitter, seeds[2]) * 255.0
-  return tf.ensure_shape(normalize(image), [image_size, image_size, 3])
+  return tf.ensure_shape(normalize(image, normalization), [image_size, image_size, 3])
 
 
-def eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+def eval_image(encoded: tf.Tensor, image_size: int, normalization: str = "clip") -> tf.Tensor:
   """The eval transform: resize the short side to image_size, centre crop, normalise -> float32 [S, S, 3]."""
   image = decode_rgb(encoded)
   h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
@@ -221,7 +233,7 @@ def eval_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
   new_w = tf.maximum(image_size, tf.cast(tf.round(w * ratio), tf.int32))
   image = tf.image.resize(image, (new_h, new_w), method="bicubic", antialias=True)
   image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-  return tf.ensure_shape(normalize(tf.clip_by_value(image, 0.0, 255.0)), [image_size, image_size, 3])
+  return tf.ensure_shape(normalize(tf.clip_by_value(image, 0.0, 255.0), normalization), [image_size, image_size, 3])
 
 
 # ---------------------------------------------------------------------------------------------- noun prompts

@@ -333,7 +333,9 @@ def convert(hf_dir: str, output: str, tokenizer_path: str = "") -> str:
   model_config = model_config_from_hf(hf_config)
   variables = convert_state_dict(state, model_config)
   tokenizer = checkpoint_io.tokenizer_info("clip_bpe", tokenizer_path, model_config.text.context_length)
-  out = checkpoint_io.save_inference_checkpoint(output, variables, model_config, tokenizer)
+  # GroupViT was trained (timm DeiT transform) and evaluated (mmseg img_norm_cfg) with ImageNet statistics.
+  out = checkpoint_io.save_inference_checkpoint(output, variables, model_config, tokenizer,
+                                                image_normalization="imagenet")
   n = sum(x.size for x in jax.tree.leaves(variables["params"]))
   logging.info("Converted %d tensors (%d parameters) from %s into %s.", len(state), n, hf_dir, out)
   return out

@@ -80,7 +80,8 @@ def export(workdir: str, output: str, step: Optional[int] = None,
   variables, step = restore_variables(workdir, config, step)
   tokenizer = checkpoint_io.tokenizer_info(config.input.tokenizer, config.input.tokenizer_path,
                                            config.input.context_length)
-  out = checkpoint_io.save_inference_checkpoint(output, variables, config.model, tokenizer=tokenizer)
+  out = checkpoint_io.save_inference_checkpoint(output, variables, config.model, tokenizer=tokenizer,
+                                                image_normalization=config.input.get("normalization", "clip"))
   print(f"Exported step {step} of {workdir} to {out}")
   return out
 
