@@ -61,18 +61,29 @@ def run(variant: str, seed: str, run_dir: str, extra: List[str]) -> Dict[str, fl
   return final_metrics(run_dir)
 
 
+def _mean_std(values) -> str:
+  values = np.asarray(values, np.float64)
+  return f"{values.mean():.1f} ± {values.std():.1f}" if values.size else "n/a"
+
+
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
-  lines = ["| variant | held-out mIoU (mean ± std) | per seed |", "|---|---|---|"]
+  """Markdown: per variant, held-out mIoU and image-level zero-shot top-1 (mean ± std over seeds), then the
+  chance and untrained-model baselines over all runs."""
+  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | image-level top-1 % (mean ± std) |",
+           "|---|---|---|---|"]
   for variant, runs in results.items():
-    mious = np.array([r["eval/mIoU"] for r in runs])
-    lines.append(f"| {DESCRIPTIONS[variant]} | {mious.mean():.1f} ± {mious.std():.1f} | "
-                 f"{', '.join(f'{m:.1f}' for m in mious)} |")
-  baselines = (("eval/chance_mIoU", "chance (random group assignment)"),
-               ("eval/untrained_mIoU", "untrained model (the runs' initial parameters)"))
-  for key, description in baselines:
-    values = [r[key] for runs in results.values() for r in runs if key in r]
+    mious = [r["eval/mIoU"] for r in runs]
+    top1 = [r["eval/image_top1"] for r in runs if "eval/image_top1" in r]
+    lines.append(f"| {DESCRIPTIONS[variant]} | {_mean_std(mious)} | {', '.join(f'{m:.1f}' for m in mious)} | "
+                 f"{_mean_std(top1)} |")
+  baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
+               ("eval/untrained_mIoU", None, "untrained model (the runs' initial parameters)"))
+  for miou_key, top1_key, description in baselines:
+    values = [r[miou_key] for runs in results.values() for r in runs if miou_key in r]
+    top1 = [r[top1_key] for runs in results.values() for r in runs if top1_key in r] if top1_key else []
     if values:
-      lines.append(f"| {description} | {np.mean(values):.1f} ± {np.std(values):.1f} | over {len(values)} runs |")
+      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | "
+                   f"{_mean_std(top1) if top1 else ''} |")
   return "\n".join(lines) + "\n"
 
 
