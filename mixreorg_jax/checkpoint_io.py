@@ -13,7 +13,7 @@ Both the GroupViT converter (`tools/convert_groupvit.py`) and the trainer's expo
 """
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import ml_collections
@@ -80,8 +80,15 @@ def lists_to_tuples(value):
   return value
 
 
-def _read_config(directory: str) -> Dict[str, Any]:
-  """DIR/model_config.json as a dict, checked to have a "model" block."""
+class CheckpointConfig(NamedTuple):
+  """What DIR/model_config.json says about the weights beside it."""
+  model: ml_collections.ConfigDict  # config.model
+  tokenizer: Optional[Dict[str, Any]]  # the tokenizer block, or None
+  image_normalization: str  # the pixel statistics the weights expect ("clip" when the checkpoint does not say)
+
+
+def load_model_config(directory: str) -> CheckpointConfig:
+  """Reads DIR/model_config.json."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -91,29 +98,19 @@ def _read_config(directory: str) -> Dict[str, Any]:
     config = json.load(f)
   if "model" not in config:
     raise ValueError(f"{path} has no 'model' block; it was not written by save_inference_checkpoint.")
-  return config
+  return CheckpointConfig(ml_collections.ConfigDict(lists_to_tuples(config["model"])), config.get("tokenizer"),
+                          config.get("image_normalization", "clip"))
 
 
-def load_model_config(directory: str) -> Tuple[ml_collections.ConfigDict, Optional[Dict[str, Any]]]:
-  """-> (config.model ConfigDict, tokenizer block or None) from DIR/model_config.json."""
-  config = _read_config(directory)
-  return ml_collections.ConfigDict(lists_to_tuples(config["model"])), config.get("tokenizer")
-
-
-def load_image_normalization(directory: str) -> str:
-  """The pixel statistics a checkpoint's weights expect ("clip" when the checkpoint does not say)."""
-  return _read_config(directory).get("image_normalization", "clip")
-
-
-def load_inference_checkpoint(directory: str) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
-  """-> (variables {"params", "batch_stats"} of jax arrays, config.model ConfigDict)."""
+def load_inference_checkpoint(directory: str) -> Tuple[Dict[str, Any], CheckpointConfig]:
+  """-> (variables {"params", "batch_stats"} of jax arrays, the checkpoint's CheckpointConfig)."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"Checkpoint directory {directory} does not exist.")
-  model_config, _ = load_model_config(directory)
+  checkpoint_config = load_model_config(directory)
   target = os.path.join(directory, VARIABLES_DIR)
   if not os.path.isdir(target):
     raise FileNotFoundError(f"{target} not found: the checkpoint in {directory} has no variables.")
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(target)
-  return dict(variables), model_config
+  return dict(variables), checkpoint_config

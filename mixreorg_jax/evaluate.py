@@ -188,14 +188,14 @@ def chance_miou(model, variables: Dict[str, Any], tokenizer, config: ml_collecti
 
 
 def untrained_miou(train_config: ml_collections.ConfigDict, model, state, tokenizer,
-                   config: ml_collections.ConfigDict) -> float:
+                   config: ml_collections.ConfigDict, image_normalization: str = "clip") -> float:
   """mIoU of the same protocol with the parameters the run started from (train_config.seed), laid out as the
   trained ones: what pretraining added over a random network."""
   shardings = jax.tree.map(lambda x: x.sharding, {"params": state.params, "batch_stats": state.batch_stats})
   init = jax.jit(functools.partial(train_step.init_variables, train_config, model), out_shardings=shardings)
   variables = init(jax.random.key(train_config.get("seed", 0)))
   return run_protocol(model, variables, tokenizer, config, progress=False,
-                      image_normalization=train_config.input.get("normalization", "clip"))["mIoU"]
+                      image_normalization=image_normalization)["mIoU"]
 
 
 def image_recognition(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
@@ -286,7 +286,7 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
     results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
                                                                      config.get("seed", 0), normalization)
     results["eval/untrained_mIoU"] = extra["untrained_mIoU"] = untrained_miou(config, model, state, tokenizer,
-                                                                              eval_config)
+                                                                              eval_config, normalization)
     recognition = image_recognition(model, variables, tokenizer, eval_config, config.input.image_size,
                                     image_normalization=normalization)
     results["eval/image_top1"] = extra["image_top1"] = recognition["top1"]

@@ -70,7 +70,6 @@ class InferenceModel:
 
 def load(checkpoint_dir: str) -> InferenceModel:
   """Loads a checkpoint written by `checkpoint_io.save_inference_checkpoint` (converter or trainer export)."""
-  variables, config = checkpoint_io.load_inference_checkpoint(checkpoint_dir)
-  _, tokenizer = checkpoint_io.load_model_config(checkpoint_dir)
-  return InferenceModel(groupvit.GroupViT.from_config(config), variables, config, tokenizer,
-                        checkpoint_io.load_image_normalization(checkpoint_dir))
+  variables, saved = checkpoint_io.load_inference_checkpoint(checkpoint_dir)
+  return InferenceModel(groupvit.GroupViT.from_config(saved.model), variables, saved.model, saved.tokenizer,
+                        saved.image_normalization)
