@@ -66,6 +66,19 @@ def seg_loss(assignment: jax.Array, segment_emb: jax.Array, text_emb: jax.Array,
   return loss, accuracy
 
 
-def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float) -> jax.Array:
-  """L = L_orig + w_rest * L_rest + w_seg * L_seg (missing terms count as 0)."""
-  return terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)
+def group_information(soft: jax.Array) -> jax.Array:
+  """Mutual information between an image token and its group under a soft assignment, averaged over images.
+
+  soft: [B, N, S], sums to 1 over the S groups. Per image, I = H(mean_n soft[n]) - mean_n H(soft[n]) in nats,
+  in [0, log S]: log S when every token is sure of its group and the groups are used equally, 0 when all tokens
+  share one assignment -- the collapse that leaves one segment per image. -> scalar.
+  """
+  soft = soft.astype(jnp.float32)
+  entropy = lambda p: -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), axis=-1)  # noqa: E731
+  return (entropy(soft.mean(axis=1)) - entropy(soft).mean(axis=1)).mean()
+
+
+def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0) -> jax.Array:
+  """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group (missing terms count as 0)."""
+  return (terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)
+          - w_group_info * terms.get("group_info", 0.0))

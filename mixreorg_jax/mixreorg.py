@@ -7,7 +7,9 @@
    the original features enhance the mixed ones, m <- (1 - beta) m + beta Mix_sigma(x).
 3. Mixing restoration: restored = Unmix_sigma(m). Original, mixed and restored features then go through the rest
    of the encoder (grouping block 1, stage 2, grouping block 2, stage 3) as one 3B batch.
-4. Losses: L = L_orig + w_rest L_rest + w_seg L_seg.
+4. Losses: L = L_orig + w_rest L_rest + w_seg L_seg, minus w_group_info I_group if that weight is set (not in
+   the paper: the token-group mutual information of every grouping block, which keeps the grouping from
+   collapsing onto one segment per image; `losses.group_information`). I_group is logged either way.
 
 `forward` is applied as a method of the GroupViT module (`model.apply(..., method=forward)`), so it reads the
 architecture from the model and adds only the mixing. With `mixreorg=False` it is exactly GroupViT's step.
@@ -87,5 +89,7 @@ def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_co
     assignment = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])  # [B, N, G]
     out["loss_seg"], out["seg_acc"] = losses.seg_loss(assignment, mixed_segment_emb, text_emb, src, scale,
                                                       config.mix.group_size)
-  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg)
+  # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
+  out["group_info"] = sum(losses.group_information(a.soft) for a in assignments) / max(len(assignments), 1)
+  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info)
   return out

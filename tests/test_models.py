@@ -161,3 +161,17 @@ def test_reference_parameter_count_matches_transformers():
   theirs = sum(p.numel() for p in hf.parameters())
   assert config.model.multi_label
   assert ours == theirs + 1, (ours, theirs)  # + our multi_label_logit_scale
+
+
+def test_batchnorm_normalises_with_the_statistics_of_a_reference_in_training():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 8)) * 3.0 + 1.0
+  ref = jax.random.normal(jax.random.PRNGKey(1), (4, 8)) * 0.5 - 2.0
+  bn = groupvit.BatchNorm()
+  variables = bn.init(jax.random.PRNGKey(2), ref, True)
+  out, _ = bn.apply(variables, x, True, False, ref, mutable=["batch_stats"])
+  expected = (x - ref.mean(0)) / jnp.sqrt(ref.var(0) + bn.epsilon)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # Without a reference it uses x's own statistics over every leading axis.
+  own, _ = bn.apply(variables, x, True, False, mutable=["batch_stats"])
+  np.testing.assert_allclose(own, (x - x.mean((0, 1))) / jnp.sqrt(x.var((0, 1)) + bn.epsilon), rtol=1e-5,
+                             atol=1e-5)

@@ -118,3 +118,32 @@ def test_overfits_a_fixed_batch():
   for key in ("loss", "loss_orig", "loss_rest", "loss_seg"):
     assert mean(last, key) < 0.5 * mean(first, key), (key, mean(first, key), mean(last, key))
   assert mean(last, "seg_acc") > mean(first, "seg_acc") + 0.2
+
+
+def test_group_information_is_log_groups_when_sure_and_spread_and_zero_when_collapsed():
+  spread = jax.nn.one_hot(jnp.tile(jnp.arange(4), 3), 4)[None]  # [1, 12, 4]: every group used, one-hot
+  collapsed = jax.nn.one_hot(jnp.zeros(12, jnp.int32), 4)[None]
+  uniform = jnp.full((1, 12, 4), 0.25)
+  np.testing.assert_allclose(losses.group_information(spread), np.log(4), rtol=1e-6)
+  np.testing.assert_allclose(losses.group_information(collapsed), 0.0, atol=1e-6)
+  np.testing.assert_allclose(losses.group_information(uniform), 0.0, atol=1e-6)
+  # One token sure, one unsure of two groups: marginal (3/4, 1/4), mean conditional entropy log(2) / 2.
+  half = jnp.array([[[1.0, 0.0], [0.5, 0.5]]])
+  marginal_entropy = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+  np.testing.assert_allclose(losses.group_information(half), marginal_entropy - 0.5 * np.log(2), rtol=1e-6)
+
+
+def test_group_information_weight_subtracts_the_logged_term_and_reaches_the_grouping_blocks():
+  plain = helpers.tiny_config(**{"loss.w_group_info": 0.0})
+  weighted = helpers.tiny_config(**{"loss.w_group_info": 0.5})
+  _, _, _, state = _setup(plain)
+  batch = helpers.random_batch(plain)
+  rngs = train_step.step_rngs(state.rng, jnp.int32(3))
+  ours = _forward(weighted, state.params, state.batch_stats, batch, rngs)
+  theirs = _forward(plain, state.params, state.batch_stats, batch, rngs)
+  assert 0.0 < float(theirs["group_info"]) < np.log(plain.model.vision.num_output_groups[0])
+  np.testing.assert_allclose(ours["loss"], theirs["loss"] - 0.5 * theirs["group_info"], rtol=1e-5)
+  grads = jax.grad(lambda p: _forward(weighted, p, state.batch_stats, batch, rngs)["group_info"])(state.params)
+  assign = grads["vision_model"]["stages_0"]["downsample"]["assign"]
+  assert float(jnp.abs(assign["q_proj"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(assign["k_proj"]["kernel"]).sum()) > 0
