@@ -1,9 +1,5 @@
-"""End to end: the real training command pretrains on synthetic captions alone, then evaluates zero-shot on the
-held-out set.
-
-Pixel-level zero-shot segmentation of the demo does not yet beat the chance baseline at the training lengths
-that fit a CI run (see README, "The demo"); what a few minutes of caption-only pretraining does learn, and what is
-asserted here, is image-level zero-shot recognition from class names.
+"""End to end: the real training command pretrains the demo on synthetic captions alone, then segments the
+held-out set zero-shot from class names, well above the chance and untrained-model baselines of the same run.
 """
 import math
 import os
@@ -14,7 +10,8 @@ import pytest
 
 from tests import test_train_common as common
 
-E2E_STEPS = 200  # ~4 minutes of the demo model on 2 CPU cores, evaluation included
+E2E_STEPS = 450  # half the demo: ~5 minutes on 2 CPU cores, evaluation included
+MIOU_MARGIN = 4.0  # mIoU points above each baseline
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +20,7 @@ def synthetic_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_caption_pretraining_learns_zero_shot_recognition_end_to_end(synthetic_dir, tmp_path):
+def test_caption_pretraining_learns_zero_shot_segmentation_end_to_end(synthetic_dir, tmp_path):
   workdir = str(tmp_path / "workdir")
   # One real device and XLA's default optimisation, as a user runs the demo (not the tests' 8 fake devices).
   env = dict(common.SUBPROCESS_ENV, XLA_FLAGS="")
@@ -37,8 +34,12 @@ def test_caption_pretraining_learns_zero_shot_recognition_end_to_end(synthetic_d
     results.update({k: v for k, v in row.items() if k.startswith("eval/")})
   for key in ("eval/mIoU", "eval/chance_mIoU", "eval/untrained_mIoU", "eval/pixel_acc"):
     assert math.isfinite(results[key]) and 0 <= results[key] <= 100, (key, results)
-  # Class names alone pick a class that is in the image far more often than chance (measured on all 500 held-out
-  # images: 74% vs 23%).
+  # Segmentation from class names alone, well above both baselines computed in the same run (the same 450 steps
+  # scored on all 500 held-out images: 19.4 mIoU vs 10.8 chance and 7.9 untrained).
+  assert results["eval/mIoU"] > results["eval/chance_mIoU"] + MIOU_MARGIN, results
+  assert results["eval/mIoU"] > results["eval/untrained_mIoU"] + MIOU_MARGIN, results
+  assert results["eval/groups_per_image"] > 2.0, results  # no collapse onto one segment per image
+  # Class names alone pick a class that is in the image far more often than chance.
   assert results["eval/image_top1"] > 2 * results["eval/image_top1_chance"], results
   losses = common.losses(workdir)
   assert losses[E2E_STEPS] < losses[50], losses
