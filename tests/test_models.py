@@ -1,6 +1,7 @@
 """Unit tests of the GroupViT modules: straight-through assignment, Gumbel noise, shapes, resizing, dtypes, size."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,3 +176,22 @@ def test_batchnorm_normalises_with_the_statistics_of_a_reference_in_training():
   own, _ = bn.apply(variables, x, True, False, mutable=["batch_stats"])
   np.testing.assert_allclose(own, (x - x.mean((0, 1))) / jnp.sqrt(x.var((0, 1)) + bn.epsilon), rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multi_head_attention_matches_dot_product_attention(causal):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, 3, 8)) for i in range(3))
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  np.testing.assert_allclose(layers.multi_head_attention(q, k, v, causal), expected, atol=1e-5)
+  grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(q, k, v)  # noqa: E731
+  for ours, theirs in zip(grad(lambda *a: layers.multi_head_attention(*a, causal)),
+                          grad(lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal))):
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_dense_matches_flax_dense_on_batched_inputs():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6))
+  ours = layers.dense(4, jnp.float32)
+  params = ours.init(jax.random.key(1), x)
+  assert params["params"]["kernel"].shape == (6, 4)
+  np.testing.assert_allclose(ours.apply(params, x), nn.Dense(4).apply(params, x), atol=1e-6)

@@ -24,9 +24,22 @@ ACTIVATIONS = {
 }
 
 
+class Dense(nn.Dense):
+  """`nn.Dense` applied as one 2-D matmul: [..., C_in] is flattened to [M, C_in] and the result reshaped back.
+
+  Same parameters and values as `nn.Dense`; on XLA CPU the 2-D form of a [B, T, C] projection and of its
+  gradients runs faster than the batched form.
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
 def dense(features: int, dtype: Dtype, name: Optional[str] = None, **kwargs) -> nn.Dense:
   """A float32-parameter Dense layer computing in `dtype`."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT, name=name, **kwargs)
+  return Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT, name=name, **kwargs)
 
 
 def layer_norm(name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
@@ -77,6 +90,24 @@ def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   return x.reshape(b, t, num_heads, c // num_heads)
 
 
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
+  """Softmax attention of q [B, T, heads, D] over k, v [B, S, heads, D] -> [B, T, heads, D].
+
+  `jax.nn.dot_product_attention` on accelerators (fused kernels where available). On CPU, the same arithmetic
+  written as head-major batched matmuls: XLA CPU runs [B, heads, T, D] batched dots and their gradients
+  markedly faster than the [B, T, heads, D] form that `dot_product_attention` lowers to there.
+  """
+  if jax.default_backend() != "cpu":
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, T|S, D]
+  logits = jnp.einsum("bhtd,bhsd->bhts", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
+  if causal:
+    t, s = logits.shape[-2:]
+    logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", weights, v), 1, 2)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection; optionally causal."""
   num_heads: int
@@ -88,7 +119,7 @@ class SelfAttention(nn.Module):
     b, t, c = x.shape
     qkv = dense(3 * c, self.dtype, name="qkv_proj")(x)  # [B, T, 3C]
     q, k, v = (_split_heads(y, self.num_heads) for y in jnp.split(qkv, 3, axis=-1))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, heads, C / heads]
+    out = multi_head_attention(q, k, v, self.causal)  # [B, T, heads, C / heads]
     return dense(c, self.dtype, name="out_proj")(out.reshape(b, t, c))
 
 
@@ -103,7 +134,7 @@ class CrossAttention(nn.Module):
     q = _split_heads(dense(c, self.dtype, name="q_proj")(query), self.num_heads)
     kv = dense(2 * c, self.dtype, name="kv_proj")(context)
     k, v = (_split_heads(y, self.num_heads) for y in jnp.split(kv, 2, axis=-1))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = multi_head_attention(q, k, v)
     return dense(c, self.dtype, name="out_proj")(out.reshape(b, s, c))
 
 

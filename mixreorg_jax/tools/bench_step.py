@@ -5,11 +5,11 @@ r"""Benchmarks the GroupViT and the MixReorg train steps side by side (a benchma
 
 Prints, for each step at the same model and batch: median step time after warm-up, the step's FLOPs from XLA's cost
 analysis, the achieved GFLOP/s and its ratio to a large float32 matmul measured in the same process; with --torch,
-also the transformers GroupViT train step (forward + backward + AdamW, CPU torch) at the same size.
+also the transformers GroupViT train step (forward + backward + AdamW, CPU torch) at the same size. All of them are
+timed in interleaved rounds, so the ratios hold on a machine whose load changes.
 """
-import functools
 import time
-from typing import Dict
+from typing import Callable, Dict, Tuple
 
 from absl import app
 from absl import flags
@@ -26,26 +26,30 @@ from mixreorg_jax.models import groupvit
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.", lock_config=True)
 flags.DEFINE_integer("batch_size", 0, "Global batch (0 = the config's).")
-flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up step).")
+flags.DEFINE_integer("rounds", 3, "Interleaved rounds; each runs every variant in turn.")
+flags.DEFINE_integer("steps", 3, "Timed steps per variant and round (after one untimed step).")
 flags.DEFINE_bool("torch", False, "Also time the transformers GroupViT train step on CPU torch.")
 FLAGS = flags.FLAGS
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """float32 GFLOP/s of an n x n matmul: the machine's practical peak for this dtype."""
+def timed(fn: Callable[[], object]) -> float:
+  """Seconds one call of `fn` takes, its result waited for."""
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def matmul_step(n: int = 2048) -> Tuple[Callable[[], object], float]:
+  """A compiled float32 n x n matmul and its FLOPs: the machine's practical peak for this dtype."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / np.median(times) / 1e9
+  return lambda: f(a), 2.0 * n ** 3
 
 
-def time_step(config: ml_collections.ConfigDict, steps: int) -> Dict[str, float]:
-  """Median seconds per step and XLA's FLOP count of one step."""
+def train_step_fn(config: ml_collections.ConfigDict) -> Tuple[Callable[[], object], float, float]:
+  """One compiled train step as a no-argument callable (it carries its own state), its XLA FLOP count and the
+  compile seconds. The step has been run once (warm-up)."""
   mesh = sharding.make_mesh(config.mesh)
   model = groupvit.GroupViT.from_config(config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.input.batch_size, config.total_steps)
@@ -58,19 +62,19 @@ def time_step(config: ml_collections.ConfigDict, steps: int) -> Dict[str, float]
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return {"seconds": float(np.median(times)), "flops": flops, "compile_s": compile_s}
+  carry = {"state": state}
+
+  def step():
+    carry["state"], metrics = compiled(carry["state"], batch)
+    return metrics
+
+  jax.block_until_ready(step())
+  return step, flops, compile_s
 
 
-def time_torch_step(config: ml_collections.ConfigDict, steps: int) -> Dict[str, float]:
-  """The transformers GroupViT train step (forward + backward + AdamW) at the same sizes, CPU torch float32."""
+def torch_step_fn(config: ml_collections.ConfigDict) -> Callable[[], None]:
+  """The transformers GroupViT train step (forward + backward + AdamW) at the same sizes, CPU torch float32, as a
+  no-argument callable, run once (warm-up)."""
   import torch  # noqa: PLC0415  (optional, benchmark-only)
   import transformers  # noqa: PLC0415
   v, t, b = config.model.vision, config.model.text, config.input.batch_size
@@ -95,12 +99,20 @@ def time_torch_step(config: ml_collections.ConfigDict, steps: int) -> Dict[str, 
     opt.step()
 
   step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return {"seconds": float(np.median(times))}
+  return step
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int, calls: int) -> Dict[str, float]:
+  """Median seconds per call of each function over `rounds` interleaved rounds, so that a change in machine load
+  affects all of them alike. In a round each function runs one untimed call, then `calls` timed ones: the untimed
+  call absorbs what switching from the previous function costs (re-allocated buffers, other runtimes' idle
+  threads still spinning)."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      timed(fn)
+      times[name].extend(timed(fn) for _ in range(calls))
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(argv):
@@ -109,27 +121,32 @@ def main(argv):
   if FLAGS.batch_size:
     config.input.batch_size = FLAGS.batch_size
   config.mesh.data, config.mesh.fsdp = -1, 1
-  peak = matmul_gflops()
-  rows = []
+  fns, flops, compile_s = {}, {}, {}
+  fns["matmul"], flops["matmul"] = matmul_step()
   for name, mixreorg in (("GroupViT", False), ("MixReorg", True)):
     variant = ml_collections.ConfigDict(config.to_dict())
     variant.model.mixreorg = mixreorg
-    r = time_step(variant, FLAGS.steps)
-    gflops = r["flops"] / r["seconds"] / 1e9
-    rows.append((name, r["seconds"], r["flops"] / 1e9, gflops, gflops / peak, r["compile_s"]))
+    fns[name], flops[name], compile_s[name] = train_step_fn(variant)
+  if FLAGS.torch:
+    fns["torch"] = torch_step_fn(config)
+  seconds = interleaved_medians(fns, FLAGS.rounds, FLAGS.steps)
+  peak = flops["matmul"] / seconds["matmul"] / 1e9
   print(f"\nbatch {config.input.batch_size}, {config.input.image_size} px, dtype {config.model.dtype}, "
-        f"remat {config.model.remat}, {jax.device_count()} device(s); float32 matmul peak {peak:.1f} GFLOP/s\n")
+        f"remat {config.model.remat}, {jax.device_count()} device(s); float32 matmul peak {peak:.1f} GFLOP/s; "
+        f"medians over {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps\n")
   print("| step | s/step | GFLOP/step | GFLOP/s | of matmul peak | compile s |")
   print("|---|---|---|---|---|---|")
-  for name, sec, gflop, rate, frac, comp in rows:
-    print(f"| {name} | {sec:.3f} | {gflop:.1f} | {rate:.1f} | {frac:.0%} | {comp:.1f} |")
-  (_, t_g, f_g, *_), (_, t_m, f_m, *_) = rows
-  print(f"\nMixReorg/GroupViT: time {t_m / t_g:.2f}x, FLOPs {f_m / f_g:.2f}x, "
-        f"time ratio over FLOP ratio {(t_m / t_g) / (f_m / f_g):.2f}")
+  for name in ("GroupViT", "MixReorg"):
+    rate = flops[name] / seconds[name] / 1e9
+    print(f"| {name} | {seconds[name]:.3f} | {flops[name] / 1e9:.1f} | {rate:.1f} | {rate / peak:.0%} | "
+          f"{compile_s[name]:.1f} |")
+  time_ratio = seconds["MixReorg"] / seconds["GroupViT"]
+  flop_ratio = flops["MixReorg"] / flops["GroupViT"]
+  print(f"\nMixReorg/GroupViT: time {time_ratio:.2f}x, FLOPs {flop_ratio:.2f}x, "
+        f"time ratio over FLOP ratio {time_ratio / flop_ratio:.2f}")
   if FLAGS.torch:
-    r = time_torch_step(config, FLAGS.steps)
-    print(f"transformers GroupViT train step (CPU torch): {r['seconds']:.3f} s/step; "
-          f"our GroupViT step is {r['seconds'] / t_g:.2f}x its speed")
+    print(f"transformers GroupViT train step (CPU torch): {seconds['torch']:.3f} s/step; "
+          f"our GroupViT step is {seconds['torch'] / seconds['GroupViT']:.2f}x its speed")
 
 
 if __name__ == "__main__":
