@@ -224,18 +224,6 @@ def train_image(encoded: tf.Tensor, header: Dict[str, tf.Tensor], seed: tf.Tenso
   return tf.ensure_shape(normalize(image, normalization), [image_size, image_size, 3])
 
 
-def eval_image(encoded: tf.Tensor, image_size: int, normalization: str = "clip") -> tf.Tensor:
-  """The eval transform: resize the short side to image_size, centre crop, normalise -> float32 [S, S, 3]."""
-  image = decode_rgb(encoded)
-  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
-  ratio = image_size / tf.minimum(h, w)
-  new_h = tf.maximum(image_size, tf.cast(tf.round(h * ratio), tf.int32))
-  new_w = tf.maximum(image_size, tf.cast(tf.round(w * ratio), tf.int32))
-  image = tf.image.resize(image, (new_h, new_w), method="bicubic", antialias=True)
-  image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-  return tf.ensure_shape(normalize(tf.clip_by_value(image, 0.0, 255.0), normalization), [image_size, image_size, 3])
-
-
 # ---------------------------------------------------------------------------------------------- noun prompts
 
 
