@@ -67,23 +67,27 @@ def _mean_std(values) -> str:
 
 
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
-  """Markdown: per variant, held-out mIoU and image-level zero-shot top-1 (mean ± std over seeds), then the
-  chance and untrained-model baselines over all runs."""
-  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | image-level top-1 % (mean ± std) |",
-           "|---|---|---|---|"]
+  """Markdown: per variant, held-out mIoU, image-level zero-shot top-1 and groups per image (mean ± std over
+  seeds), then the chance and untrained-model baselines over all runs."""
+  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | image-level top-1 % (mean ± std) | "
+           "groups per image |",
+           "|---|---|---|---|---|"]
+
+  def mean_std_of(runs, key):
+    return _mean_std([r[key] for r in runs if key in r])
+
   for variant, runs in results.items():
     mious = [r["eval/mIoU"] for r in runs]
-    top1 = [r["eval/image_top1"] for r in runs if "eval/image_top1" in r]
     lines.append(f"| {DESCRIPTIONS[variant]} | {_mean_std(mious)} | {', '.join(f'{m:.1f}' for m in mious)} | "
-                 f"{_mean_std(top1)} |")
+                 f"{mean_std_of(runs, 'eval/image_top1')} | {mean_std_of(runs, 'eval/groups_per_image')} |")
+  all_runs = [r for runs in results.values() for r in runs]
   baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
                ("eval/untrained_mIoU", None, "untrained model (the runs' initial parameters)"))
   for miou_key, top1_key, description in baselines:
-    values = [r[miou_key] for runs in results.values() for r in runs if miou_key in r]
-    top1 = [r[top1_key] for runs in results.values() for r in runs if top1_key in r] if top1_key else []
+    values = [r[miou_key] for r in all_runs if miou_key in r]
     if values:
-      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | "
-                   f"{_mean_std(top1) if top1 else ''} |")
+      top1 = mean_std_of(all_runs, top1_key) if top1_key else ""
+      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | {top1} | |")
   return "\n".join(lines) + "\n"
 
 
