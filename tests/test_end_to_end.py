@@ -35,7 +35,7 @@ def test_caption_pretraining_learns_zero_shot_segmentation_end_to_end(synthetic_
   for key in ("eval/mIoU", "eval/chance_mIoU", "eval/untrained_mIoU", "eval/pixel_acc"):
     assert math.isfinite(results[key]) and 0 <= results[key] <= 100, (key, results)
   # Segmentation from class names alone, well above both baselines computed in the same run (seed 0 at 450 steps
-  # scored on all 500 held-out images: 19.4 and 28.5 mIoU in two runs vs 10.8 chance and 7.9 untrained; seeds 1
+  # scored on all 500 held-out images: 19.4 and 28.5 mIoU in two sweeps vs 10.8 chance and 7.9 untrained; seeds 1
   # and 2 stay near chance at this length, see the README's ablation).
   assert results["eval/mIoU"] > results["eval/chance_mIoU"] + MIOU_MARGIN, results
   assert results["eval/mIoU"] > results["eval/untrained_mIoU"] + MIOU_MARGIN, results
