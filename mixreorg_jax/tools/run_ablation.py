@@ -66,27 +66,28 @@ def _mean_std(values) -> str:
   return f"{values.mean():.1f} ± {values.std():.1f}" if values.size else "n/a"
 
 
+def _mean_std_of(runs: List[Dict[str, float]], key: str) -> str:
+  """_mean_std of `key` over the runs that logged it."""
+  return _mean_std([r[key] for r in runs if key in r])
+
+
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
   """Markdown: per variant, held-out mIoU, image-level zero-shot top-1 and groups per image (mean ± std over
   seeds), then the chance and untrained-model baselines over all runs."""
   lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | image-level top-1 % (mean ± std) | "
            "groups per image |",
            "|---|---|---|---|---|"]
-
-  def mean_std_of(runs, key):
-    return _mean_std([r[key] for r in runs if key in r])
-
   for variant, runs in results.items():
     mious = [r["eval/mIoU"] for r in runs]
     lines.append(f"| {DESCRIPTIONS[variant]} | {_mean_std(mious)} | {', '.join(f'{m:.1f}' for m in mious)} | "
-                 f"{mean_std_of(runs, 'eval/image_top1')} | {mean_std_of(runs, 'eval/groups_per_image')} |")
+                 f"{_mean_std_of(runs, 'eval/image_top1')} | {_mean_std_of(runs, 'eval/groups_per_image')} |")
   all_runs = [r for runs in results.values() for r in runs]
   baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
                ("eval/untrained_mIoU", None, "untrained model (the runs' initial parameters)"))
   for miou_key, top1_key, description in baselines:
     values = [r[miou_key] for r in all_runs if miou_key in r]
     if values:
-      top1 = mean_std_of(all_runs, top1_key) if top1_key else ""
+      top1 = _mean_std_of(all_runs, top1_key) if top1_key else ""
       lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | {top1} | |")
   return "\n".join(lines) + "\n"
 
