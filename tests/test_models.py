@@ -195,3 +195,32 @@ def test_dense_matches_flax_dense_on_batched_inputs():
   params = ours.init(jax.random.key(1), x)
   assert params["params"]["kernel"].shape == (6, 4)
   np.testing.assert_allclose(ours.apply(params, x), nn.Dense(4).apply(params, x), atol=1e-6)
+
+
+def test_gelu_matches_exact_gelu_and_its_gradient():
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(x),
+                             jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=1e-6)
+
+
+def test_layer_norm_matches_flax_layer_norm_and_its_gradients():
+  x = 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 16)) + 1.0
+  ours, theirs = layers.layer_norm(), nn.LayerNorm(epsilon=layers.LAYER_NORM_EPS)
+  params = theirs.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=1e-5)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+  for g_ours, g_theirs in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+                              jax.tree.leaves(jax.grad(loss(theirs), argnums=(0, 1))(params, x))):
+    np.testing.assert_allclose(g_ours, g_theirs, atol=1e-4)
+
+
+def test_softmax_matches_jax_softmax_and_its_gradient():
+  logits = 4.0 * jax.random.normal(jax.random.key(0), (3, 4, 9))
+  logits = logits.at[..., :3].set(jnp.finfo(jnp.float32).min)  # masked entries, as causal attention makes them
+  np.testing.assert_allclose(layers.softmax_last_axis(logits), jax.nn.softmax(logits), atol=1e-6)
+  weights = jax.random.normal(jax.random.key(1), logits.shape)
+  grad = lambda f: jax.grad(lambda l: jnp.sum(weights * f(l)))(logits)  # noqa: E731
+  np.testing.assert_allclose(grad(layers.softmax_last_axis), grad(jax.nn.softmax), atol=1e-6)

@@ -4,7 +4,7 @@ Parameter names follow the Hugging Face `transformers` GroupViT closely (`layer_
 so that public checkpoints convert with a short, explicit mapping (see `tools/convert_groupvit.py`). The one
 deliberate difference is a fused `qkv_proj` in self-attention (one matmul instead of three).
 """
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -16,8 +16,19 @@ Dtype = Any
 DENSE_INIT = nn.initializers.truncated_normal(stddev=0.02)
 LAYER_NORM_EPS = 1e-5
 
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), written as 0.5 * x * (1 + erf(x / sqrt(2))) as in torch.
+
+  Same values as `jax.nn.gelu(x, approximate=False)` to float32 rounding, but that one goes through `erfc`, which
+  XLA CPU expands into an exponential and several selects: on the reference model's MLPs ([8, 260, 1536]) the
+  erf form makes the whole train step about 5% faster.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
@@ -42,8 +53,55 @@ def dense(features: int, dtype: Dtype, name: Optional[str] = None, **kwargs) -> 
   return Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT, name=name, **kwargs)
 
 
-def layer_norm(name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _layer_norm_statistics(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Mean and reciprocal standard deviation of x [..., C] over its last axis, each [..., 1], in float32."""
+  mean = jnp.mean(x, -1, keepdims=True)
+  return mean, jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + LAYER_NORM_EPS)
+
+
+@jax.custom_vjp
+def layer_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """(x - mean) / std * scale + bias over the last axis of x [..., C] (float32); scale, bias [C]."""
+  mean, rstd = _layer_norm_statistics(x)
+  return (x - mean) * rstd * scale + bias
+
+
+def _layer_norm_fwd(x, scale, bias):
+  mean, rstd = _layer_norm_statistics(x)
+  return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(residuals, dy):
+  """The textbook LayerNorm gradient, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale:
+  two reductions over C, where autodiff of the forward pass makes XLA CPU run several more passes over x."""
+  x, mean, rstd, scale = residuals
+  x_hat = (x - mean) * rstd
+  leading = tuple(range(x.ndim - 1))
+  g = dy * scale
+  dx = rstd * (g - jnp.mean(g, -1, keepdims=True) - x_hat * jnp.mean(g * x_hat, -1, keepdims=True))
+  return dx, jnp.sum(dy * x_hat, leading), jnp.sum(dy, leading)
+
+
+layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis with `nn.LayerNorm`'s parameters (`scale`, `bias`) and epsilon 1e-5.
+
+  Statistics and normalisation run in float32; the result is cast to `dtype`. The backward pass is written out
+  (`layer_norm_fn`), which makes the reference model's train step a little faster on XLA CPU.
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    return layer_norm_fn(x.astype(jnp.float32), scale, bias).astype(self.dtype)
+
+
+def layer_norm(name: Optional[str] = None, dtype: Dtype = jnp.float32) -> LayerNorm:
+  return LayerNorm(dtype=dtype, name=name)
 
 
 def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: Optional[jax.Array]) -> jax.Array:
@@ -90,6 +148,30 @@ def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   return x.reshape(b, t, num_heads, c // num_heads)
 
 
+@jax.custom_vjp
+def softmax_last_axis(logits: jax.Array) -> jax.Array:
+  """Softmax over the last axis of float32 logits [..., S].
+
+  The same values as `jax.nn.softmax`; its backward, y * (g - sum(y * g)), keeps only y. XLA CPU then fuses the
+  forward pass (max, exp, sum, scale) into the producing matmul, instead of materialising a broadcast of 1 / sum
+  for the backward pass.
+  """
+  e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+  return e * (1.0 / jnp.sum(e, -1, keepdims=True))
+
+
+def _softmax_fwd(logits):
+  y = softmax_last_axis(logits)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - jnp.sum(y * g, -1, keepdims=True)),)
+
+
+softmax_last_axis.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = False) -> jax.Array:
   """Softmax attention of q [B, T, heads, D] over k, v [B, S, heads, D] -> [B, T, heads, D].
 
@@ -104,7 +186,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool 
   if causal:
     t, s = logits.shape[-2:]
     logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  weights = softmax_last_axis(logits.astype(jnp.float32)).astype(v.dtype)
   return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", weights, v), 1, 2)
 
 

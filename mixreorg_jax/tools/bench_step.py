@@ -6,8 +6,13 @@ r"""Benchmarks the GroupViT and the MixReorg train steps side by side (a benchma
 Prints, for each step at the same model and batch: median step time after warm-up, the step's FLOPs from XLA's cost
 analysis, the achieved GFLOP/s and its ratio to a large float32 matmul measured in the same process; with --torch,
 also the transformers GroupViT train step (forward + backward + AdamW, CPU torch) at the same size. All of them are
-timed in interleaved rounds, so the ratios hold on a machine whose load changes.
+timed in interleaved rounds, so the ratios hold on a machine whose load changes. The table also gives each
+step's minor page faults: XLA CPU allocates a step's temporaries (1.2 GB for the reference model at batch 8) afresh
+on every call, and with 4 KiB pages the kernel maps and zeroes each of them again. Run with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (what `launch/` and the Makefile set) to back them with huge pages.
 """
+import os
+import resource
 import time
 from typing import Callable, Dict, Tuple
 
@@ -102,17 +107,32 @@ def torch_step_fn(config: ml_collections.ConfigDict) -> Callable[[], None]:
   return step
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int, calls: int) -> Dict[str, float]:
+def minor_page_faults() -> int:
+  """This process's minor page faults so far: pages the kernel had to map (and zero) on first touch."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int,
+                        calls: int) -> Tuple[Dict[str, float], Dict[str, float]]:
   """Median seconds per call of each function over `rounds` interleaved rounds, so that a change in machine load
-  affects all of them alike. In a round each function runs one untimed call, then `calls` timed ones: the untimed
-  call absorbs what switching from the previous function costs (re-allocated buffers, other runtimes' idle
-  threads still spinning)."""
+  affects all of them alike, and its mean minor page faults per timed call. In a round each function runs one
+  untimed call, then `calls` timed ones: the untimed call absorbs what switching from the previous function costs
+  (re-allocated buffers, other runtimes' idle threads still spinning)."""
   times = {name: [] for name in fns}
+  faults = dict.fromkeys(fns, 0)
   for _ in range(rounds):
     for name, fn in fns.items():
       timed(fn)
+      before = minor_page_faults()
       times[name].extend(timed(fn) for _ in range(calls))
-  return {name: float(np.median(t)) for name, t in times.items()}
+      faults[name] += minor_page_faults() - before
+  return ({name: float(np.median(t)) for name, t in times.items()},
+          {name: f / (rounds * calls) for name, f in faults.items()})
+
+
+def huge_page_malloc() -> bool:
+  """Whether glibc malloc was told to back its large blocks with transparent huge pages."""
+  return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def main(argv):
@@ -129,24 +149,26 @@ def main(argv):
     fns[name], flops[name], compile_s[name] = train_step_fn(variant)
   if FLAGS.torch:
     fns["torch"] = torch_step_fn(config)
-  seconds = interleaved_medians(fns, FLAGS.rounds, FLAGS.steps)
+  seconds, faults = interleaved_medians(fns, FLAGS.rounds, FLAGS.steps)
   peak = flops["matmul"] / seconds["matmul"] / 1e9
   print(f"\nbatch {config.input.batch_size}, {config.input.image_size} px, dtype {config.model.dtype}, "
         f"remat {config.model.remat}, {jax.device_count()} device(s); float32 matmul peak {peak:.1f} GFLOP/s; "
-        f"medians over {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps\n")
-  print("| step | s/step | GFLOP/step | GFLOP/s | of matmul peak | compile s |")
-  print("|---|---|---|---|---|---|")
+        f"medians over {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps; huge-page malloc "
+        f"{'on' if huge_page_malloc() else 'off (set GLIBC_TUNABLES=glibc.malloc.hugetlb=1)'}\n")
+  print("| step | s/step | GFLOP/step | GFLOP/s | of matmul peak | page faults/step | compile s |")
+  print("|---|---|---|---|---|---|---|")
   for name in ("GroupViT", "MixReorg"):
     rate = flops[name] / seconds[name] / 1e9
     print(f"| {name} | {seconds[name]:.3f} | {flops[name] / 1e9:.1f} | {rate:.1f} | {rate / peak:.0%} | "
-          f"{compile_s[name]:.1f} |")
+          f"{faults[name]:,.0f} | {compile_s[name]:.1f} |")
   time_ratio = seconds["MixReorg"] / seconds["GroupViT"]
   flop_ratio = flops["MixReorg"] / flops["GroupViT"]
   print(f"\nMixReorg/GroupViT: time {time_ratio:.2f}x, FLOPs {flop_ratio:.2f}x, "
         f"time ratio over FLOP ratio {time_ratio / flop_ratio:.2f}")
   if FLAGS.torch:
     print(f"transformers GroupViT train step (CPU torch): {seconds['torch']:.3f} s/step; "
-          f"our GroupViT step is {seconds['torch'] / seconds['GroupViT']:.2f}x its speed")
+          f"our GroupViT step is {seconds['torch'] / seconds['GroupViT']:.2f}x its speed "
+          f"({faults['torch']:,.0f} page faults/step)")
 
 
 if __name__ == "__main__":
