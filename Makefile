@@ -1,6 +1,8 @@
 # The two README commands, plus the benchmarks. `make demo` and `make test` work on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Huge pages for XLA CPU's per-step temporaries (README, "Benchmarks").
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 $(VENV)/.installed-%: requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)

@@ -24,6 +24,9 @@ PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 mkdir -p "$WORKDIR"
 export JAX_PLATFORMS=cpu
+# XLA CPU allocates each step's temporaries afresh; huge pages spare the kernel from mapping and zeroing them 4 KiB
+# at a time (the demo's step: 0.41 -> 0.32 s). Ignored where the C library is not glibc >= 2.35.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS} ${XLA_FLAGS:-}"
 
 if [[ "$NUM_PROCESSES" -eq 1 ]]; then

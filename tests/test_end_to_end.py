@@ -22,8 +22,9 @@ def synthetic_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_caption_pretraining_learns_zero_shot_segmentation_end_to_end(synthetic_dir, tmp_path):
   workdir = str(tmp_path / "workdir")
-  # One real device and XLA's default optimisation, as a user runs the demo (not the tests' 8 fake devices).
-  env = dict(common.SUBPROCESS_ENV, XLA_FLAGS="")
+  # One real device, XLA's default optimisation and huge-page malloc, as the README runs the demo (not the tests'
+  # 8 fake devices).
+  env = dict(common.SUBPROCESS_ENV, XLA_FLAGS="", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
   cmd = [sys.executable, "-m", "mixreorg_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
          f"--config.input.synthetic_dir={synthetic_dir}", f"--config.total_steps={E2E_STEPS}",
          "--config.log_steps=50", f"--config.ckpt_steps={E2E_STEPS}", "--config.eval.max_images=100"]
