@@ -9,7 +9,8 @@ also the transformers GroupViT train step (forward + backward + AdamW, CPU torch
 timed in interleaved rounds, so the ratios hold on a machine whose load changes. The table also gives each
 step's minor page faults: XLA CPU allocates a step's temporaries (1.2 GB for the reference model at batch 8) afresh
 on every call, and with 4 KiB pages the kernel maps and zeroes each of them again. Run with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (what `launch/` and the Makefile set) to back them with huge pages.
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (what `launch/local_cpu.sh` and the Makefile set) to back them with
+huge pages.
 """
 import os
 import resource
