@@ -59,16 +59,15 @@ def _layer_norm_statistics(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
   return mean, jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + LAYER_NORM_EPS)
 
 
-@jax.custom_vjp
-def layer_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-  """(x - mean) / std * scale + bias over the last axis of x [..., C] (float32); scale, bias [C]."""
-  mean, rstd = _layer_norm_statistics(x)
-  return (x - mean) * rstd * scale + bias
-
-
 def _layer_norm_fwd(x, scale, bias):
   mean, rstd = _layer_norm_statistics(x)
   return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+@jax.custom_vjp
+def layer_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """(x - mean) / std * scale + bias over the last axis of x [..., C] (float32); scale, bias [C]."""
+  return _layer_norm_fwd(x, scale, bias)[0]
 
 
 def _layer_norm_bwd(residuals, dy):
