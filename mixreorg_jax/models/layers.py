@@ -4,7 +4,7 @@ Parameter names follow the Hugging Face `transformers` GroupViT closely (`layer_
 so that public checkpoints convert with a short, explicit mapping (see `tools/convert_groupvit.py`). The one
 deliberate difference is a fused `qkv_proj` in self-attention (one matmul instead of three).
 """
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -53,14 +53,10 @@ def dense(features: int, dtype: Dtype, name: Optional[str] = None, **kwargs) -> 
   return Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=DENSE_INIT, name=name, **kwargs)
 
 
-def _layer_norm_statistics(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """Mean and reciprocal standard deviation of x [..., C] over its last axis, each [..., 1], in float32."""
-  mean = jnp.mean(x, -1, keepdims=True)
-  return mean, jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + LAYER_NORM_EPS)
-
-
 def _layer_norm_fwd(x, scale, bias):
-  mean, rstd = _layer_norm_statistics(x)
+  """The LayerNorm output and what its backward needs: x, and its mean and 1 / std over C, each [..., 1]."""
+  mean = jnp.mean(x, -1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + LAYER_NORM_EPS)
   return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
 
 

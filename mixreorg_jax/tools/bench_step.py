@@ -37,6 +37,8 @@ flags.DEFINE_integer("steps", 3, "Timed steps per variant and round (after one u
 flags.DEFINE_bool("torch", False, "Also time the transformers GroupViT train step on CPU torch.")
 FLAGS = flags.FLAGS
 
+HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"  # in GLIBC_TUNABLES: malloc backs large blocks with huge pages
+
 
 def timed(fn: Callable[[], object]) -> float:
   """Seconds one call of `fn` takes, its result waited for."""
@@ -133,7 +135,7 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], rounds: int,
 
 def huge_page_malloc() -> bool:
   """Whether glibc malloc was told to back its large blocks with transparent huge pages."""
-  return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+  return HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def main(argv):
@@ -155,7 +157,7 @@ def main(argv):
   print(f"\nbatch {config.input.batch_size}, {config.input.image_size} px, dtype {config.model.dtype}, "
         f"remat {config.model.remat}, {jax.device_count()} device(s); float32 matmul peak {peak:.1f} GFLOP/s; "
         f"medians over {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps; huge-page malloc "
-        f"{'on' if huge_page_malloc() else 'off (set GLIBC_TUNABLES=glibc.malloc.hugetlb=1)'}\n")
+        f"{'on' if huge_page_malloc() else f'off (set GLIBC_TUNABLES={HUGE_PAGE_TUNABLE})'}\n")
   print("| step | s/step | GFLOP/step | GFLOP/s | of matmul peak | page faults/step | compile s |")
   print("|---|---|---|---|---|---|---|")
   for name in ("GroupViT", "MixReorg"):

@@ -66,9 +66,14 @@ def _mean_std(values) -> str:
   return f"{values.mean():.1f} ± {values.std():.1f}" if values.size else "n/a"
 
 
+def _logged(runs: List[Dict[str, float]], key: str) -> List[float]:
+  """The values of `key` in the runs that logged it."""
+  return [r[key] for r in runs if key in r]
+
+
 def _mean_std_of(runs: List[Dict[str, float]], key: str) -> str:
   """_mean_std of `key` over the runs that logged it."""
-  return _mean_std([r[key] for r in runs if key in r])
+  return _mean_std(_logged(runs, key))
 
 
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
@@ -85,7 +90,7 @@ def table(results: Dict[str, List[Dict[str, float]]]) -> str:
   baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
                ("eval/untrained_mIoU", None, "untrained model (the runs' initial parameters)"))
   for miou_key, top1_key, description in baselines:
-    values = [r[miou_key] for r in all_runs if miou_key in r]
+    values = _logged(all_runs, miou_key)
     if values:
       top1 = _mean_std_of(all_runs, top1_key) if top1_key else ""
       lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | {top1} | |")
