@@ -64,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mix = ml_collections.ConfigDict(dict(group_size=2, context_layers=3, progressive_weight=0.5))
   # w_group_info (not in the paper; 0 = off) rewards the token-group mutual information of the grouping blocks.
-  c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0))
+  # seg_negatives: the captions L_seg contrasts a mixed patch against: "group" (the K source captions of its
+  # mixing group, DESIGN.md) or "batch" (every caption of the global batch; not in the paper).
+  c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0, seg_negatives="group"))
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.6e-3, base_batch_size=4096,  # lr = base_lr * batch_size / base_batch_size (GroupViT).

@@ -44,25 +44,38 @@ def patch_to_segment(assignments) -> jax.Array:
   return a
 
 
+SEG_NEGATIVES = ("group", "batch")
+
+
 def seg_loss(assignment: jax.Array, segment_emb: jax.Array, text_emb: jax.Array, src: jax.Array,
-             scale: jax.Array, group_size: int) -> Tuple[jax.Array, jax.Array]:
+             scale: jax.Array, group_size: int, negatives: str = "group") -> Tuple[jax.Array, jax.Array]:
   """L_seg of MixReorg: every mixed patch must be matched to the caption of the image it came from.
 
   assignment: [B, N, G] patch-to-segment (straight-through, so gradients reach the grouping blocks);
   segment_emb: [B, G, D] normalised projected segment tokens of the mixed images; text_emb: [B, D] captions of
-  the original images; src: int [B, N] in [0, K); group_size: K. With t_k the captions of the K images of the group,
-    logits[i, p, k] = scale * sum_g A[i, p, g] * cos(s_{i,g}, t_k).
-  Returns (mean cross-entropy with src, pixel accuracy).
+  the original images; src: int [B, N] in [0, K); group_size: K. Mixed image i belongs to mixing group
+  q = i // K, whose source images are q*K .. q*K + K - 1. With t_j the caption of image j,
+    logits[i, p, j] = scale * sum_g A[i, p, g] * cos(s_{i,g}, t_j),
+  over the K captions of the group (negatives="group", DESIGN.md: K - 1 negatives) or over all B captions of
+  the (global) batch (negatives="batch": B - 1 negatives, so a segment must be nearer its source caption than
+  every other caption, not only the other K - 1 sources). The target is the source image q*K + src[i, p].
+  Returns (mean cross-entropy with the source, pixel accuracy).
   """
+  if negatives not in SEG_NEGATIVES:
+    raise ValueError(f"config.loss.seg_negatives={negatives!r}: expected one of {SEG_NEGATIVES}.")
   b, d = text_emb.shape
   groups = b // group_size
-  # Row i gets the K captions of its group: [B, K, D].
-  captions = jnp.broadcast_to(text_emb.reshape(groups, 1, group_size, d), (groups, group_size, group_size, d))
-  captions = captions.reshape(b, group_size, d)
-  seg_to_caption = jnp.einsum("bgd,bkd->bgk", segment_emb, captions)  # [B, G, K]
-  logits = scale * jnp.einsum("bng,bgk->bnk", assignment.astype(jnp.float32), seg_to_caption)  # [B, N, K]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, src).mean()
-  accuracy = (jnp.argmax(logits, axis=-1) == src).mean()
+  if negatives == "group":
+    # Row i gets the K captions of its group: [B, K, D].
+    captions = jnp.broadcast_to(text_emb.reshape(groups, 1, group_size, d), (groups, group_size, group_size, d))
+    seg_to_caption = jnp.einsum("bgd,bkd->bgk", segment_emb, captions.reshape(b, group_size, d))  # [B, G, K]
+    target = src
+  else:
+    seg_to_caption = jnp.einsum("bgd,jd->bgj", segment_emb, text_emb)  # [B, G, B]
+    target = (jnp.arange(b) // group_size * group_size)[:, None] + src  # [B, N]: index of the source caption.
+  logits = scale * jnp.einsum("bng,bgk->bnk", assignment.astype(jnp.float32), seg_to_caption)  # [B, N, K or B]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+  accuracy = (jnp.argmax(logits, axis=-1) == target).mean()
   return loss, accuracy
 
 

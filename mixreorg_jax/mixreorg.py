@@ -88,7 +88,7 @@ def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_co
     _, mixed_segment_emb = model.project_segments(segments[b:2 * b], train, update_stats=False)
     assignment = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])  # [B, N, G]
     out["loss_seg"], out["seg_acc"] = losses.seg_loss(assignment, mixed_segment_emb, text_emb, src, scale,
-                                                      config.mix.group_size)
+                                                      config.mix.group_size, config.loss.seg_negatives)
   # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
   out["group_info"] = sum(losses.group_information(a.soft) for a in assignments) / max(len(assignments), 1)
   out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info)

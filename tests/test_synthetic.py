@@ -10,12 +10,25 @@ def test_render_is_seeded_and_labels_match_the_named_classes():
   a = synthetic.render_example(np.random.default_rng(3), 64)
   b = synthetic.render_example(np.random.default_rng(3), 64)
   np.testing.assert_array_equal(a[0], b[0])
-  image, label, names = a
+  image, label, names, background = a
   assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and 1 <= len(names) <= 3
   present = {synthetic.CLASS_NAMES[c] for c in np.unique(label) if c}
   assert present <= set(names) and present  # occlusion may hide an object, never invent one
-  caption = synthetic.make_caption(np.random.default_rng(0), names)
+  assert background in synthetic.TEXTURE_WORDS
+  caption = synthetic.make_caption(np.random.default_rng(0), names, background)
   assert all(n in caption for n in names)
+
+
+def test_captions_that_mention_the_background_name_its_texture():
+  rng = np.random.default_rng(1)
+  mentioned = 0
+  for _ in range(200):
+    _, _, names, background = synthetic.render_example(rng, 32)
+    caption = synthetic.make_caption(rng, names, background)
+    others = [w for w in synthetic.TEXTURE_WORDS if w != background and w in caption.split(" ")]
+    assert not others, caption
+    mentioned += background in caption
+  assert mentioned > 40  # 4 of the 14 templates mention it.
 
 
 def test_ensure_synthetic_data_writes_shards_and_voc_layout(tmp_path):

@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+from typing import Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,9 +36,12 @@ CAPTION_TEMPLATES = (
     "a photo of {}.", "{} on a {bg} background.", "there is {} in this picture.", "an image showing {}.",
     "my drawing of {}, {adj} and simple.", "look at {}!", "{} seen from above.", "a {adj} picture with {}.",
     "close-up of {} on {bg} paper.", "{}", "today i found {} on the {bg} table.", "a blurry snapshot of {}.",
+    "a photo of {} on a {bg} background.", "{bg} background, {}.",
 )
 ADJECTIVES = ("nice", "small", "bright", "old", "colourful", "quick", "lovely", "plain")
-BACKGROUNDS = ("grey", "striped", "dotted", "noisy", "wooden", "dark", "light", "checkered")
+# The word a caption uses for each background texture of `_texture` (stripes, checks, blobs, noise): captions that
+# mention the background describe the one in the picture, as real captions describe the scene.
+TEXTURE_WORDS = ("striped", "checkered", "dotted", "noisy")
 SPLIT_STREAMS = {"train": 0, "voc_val": 1, "voc": 2}  # independent random streams per split.
 NUM_TRAIN_SHARDS = 8
 
@@ -57,8 +61,11 @@ def voc_palette() -> list:
   return palette.reshape(-1).tolist()
 
 
-def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-  """A low-saturation textured background: stripes, checks, blobs or noise. Returns uint8 [size, size, 3]."""
+def _texture(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, str]:
+  """A low-saturation textured background: stripes, checks, blobs or noise.
+
+  Returns (uint8 [size, size, 3], its word in TEXTURE_WORDS).
+  """
   base = rng.uniform(70, 190, size=3)
   alt = np.clip(base + rng.uniform(-45, 45, size=3), 0, 255)
   yy, xx = np.mgrid[:size, :size]
@@ -76,7 +83,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     mask = rng.random((size, size)) > 0.5
   img = np.where(mask[..., None], base, alt)
   img += rng.normal(0, 8, size=img.shape)
-  return np.clip(img, 0, 255).astype(np.uint8)
+  return np.clip(img, 0, 255).astype(np.uint8), TEXTURE_WORDS[kind]
 
 
 def _polygon(name: str, cx: float, cy: float, r: float, rot: float) -> list:
@@ -113,8 +120,10 @@ def _draw(draw: ImageDraw.ImageDraw, name: str, cx: float, cy: float, r: float, 
 
 
 def render_example(rng: np.random.Generator, image_size: int):
-  """One scene. Returns (image uint8 [S,S,3], label uint8 [S,S] with 0 = background, class names in the image)."""
-  img = Image.fromarray(_texture(rng, image_size))
+  """One scene. Returns (image uint8 [S,S,3], label uint8 [S,S] with 0 = background, class names in the image,
+  the background's word in TEXTURE_WORDS)."""
+  texture, background = _texture(rng, image_size)
+  img = Image.fromarray(texture)
   label = Image.new("L", (image_size, image_size), 0)
   draw, ldraw = ImageDraw.Draw(img), ImageDraw.Draw(label)
   num = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
@@ -139,11 +148,12 @@ def render_example(rng: np.random.Generator, image_size: int):
       img, label = Image.fromarray(im), Image.fromarray(lab)
       draw, ldraw = ImageDraw.Draw(img), ImageDraw.Draw(label)
   names = [CLASS_NAMES[c] for c in classes]
-  return np.array(img), np.array(label), names
+  return np.array(img), np.array(label), names, background
 
 
-def make_caption(rng: np.random.Generator, names: list) -> str:
-  """A natural-ish caption that names every object, sometimes with its colour, plus distractor words."""
+def make_caption(rng: np.random.Generator, names: list, background: str) -> str:
+  """A natural-ish caption that names every object, sometimes with its colour, plus distractor words; templates
+  that mention the background name its texture (`background`, a TEXTURE_WORDS entry)."""
   phrases = []
   for n in names:
     colour = CLASS_COLOURS[n][0]
@@ -156,7 +166,7 @@ def make_caption(rng: np.random.Generator, names: list) -> str:
   else:
     objs = ", ".join(phrases[:-1]) + " and " + phrases[-1]
   template = str(rng.choice(CAPTION_TEMPLATES))
-  return template.format(objs, bg=rng.choice(BACKGROUNDS), adj=rng.choice(ADJECTIVES))
+  return template.format(objs, bg=background, adj=rng.choice(ADJECTIVES))
 
 
 def _jpeg(array: np.ndarray, quality: int = 92) -> bytes:
@@ -179,8 +189,8 @@ def write_train_shards(out_dir: str, num_examples: int, image_size: int, seed: i
   writers = [tf.io.TFRecordWriter(p) for p in paths]
   try:
     for i in range(num_examples):
-      image, _, names = render_example(rng, image_size)
-      caption = make_caption(rng, names)
+      image, _, names, background = render_example(rng, image_size)
+      caption = make_caption(rng, names, background)
       writers[i % num_shards].write(preprocess.make_example(
           {"jpg": _jpeg(image), "txt": caption.encode(), "nouns": [n.encode() for n in names]}))
   finally:
@@ -197,7 +207,7 @@ def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, sp
   palette = voc_palette()
   ids = []
   for i in range(num_examples):
-    image, label, _ = render_example(rng, image_size)
+    image, label, _, _ = render_example(rng, image_size)
     name = f"{split}_{i:06d}"
     ids.append(name)
     with open(os.path.join(root, "JPEGImages", name + ".jpg"), "wb") as f:
@@ -240,7 +250,7 @@ def sample_captions(num: int, seed: int = 0) -> list:
   for _ in range(num):
     k = int(rng.choice([1, 2, 3]))
     names = [CLASS_NAMES[c] for c in rng.choice(np.arange(1, len(CLASS_NAMES)), size=k, replace=False)]
-    out.append(make_caption(rng, names))
+    out.append(make_caption(rng, names, str(rng.choice(TEXTURE_WORDS))))
   return out
 
 

@@ -27,12 +27,12 @@ def _write_shard(path: str, num: int, size: int) -> list:
   jpegs = []
   with tf.io.TFRecordWriter(path) as w:
     for i in range(num):
-      image, _, names = synthetic.render_example(rng, size)
+      image, _, names, background = synthetic.render_example(rng, size)
       image = np.array(Image.fromarray(image).resize((size * 4 // 3, size)))
       buf = io.BytesIO()
       Image.fromarray(image).save(buf, "JPEG", quality=90)
       jpegs.append(buf.getvalue())
-      w.write(preprocess.make_example({"jpg": jpegs[-1], "txt": synthetic.make_caption(rng, names)}))
+      w.write(preprocess.make_example({"jpg": jpegs[-1], "txt": synthetic.make_caption(rng, names, background)}))
   return jpegs
 
 

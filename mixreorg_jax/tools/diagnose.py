@@ -1,0 +1,298 @@
+r"""Does a model fail at grouping or at naming? Diagnostics of zero-shot segmentation on a labelled set.
+
+  python -m mixreorg_jax.tools.diagnose --checkpoint=DIR --config=configs/eval/synthetic.py \
+      --config.data.root=data/synthetic/voc_val [--output_dir=DIR] [--thresholds=0,0.05,...,1]
+
+Zero-shot segmentation has two parts that mIoU alone cannot tell apart: the image tower *groups* the pixels into
+segments, and each segment is *named* by comparing its embedding with the class prompts. Running the eval
+config's protocol once, this reports
+
+  oracle mIoU          every group of the argmax group map takes its majority ground-truth label: the mIoU of
+                       a perfect namer on these groups (low = the grouping fails);
+  groups named right   of the object groups (more than half of their labelled pixels one foreground class), the
+                       share whose predicted label (the majority of the protocol's labels over the group) is that
+                       class (low with a high oracle = the naming fails);
+  background FP rate   the share of ground-truth background pixels labelled as an object;
+  mIoU(threshold)      the protocol's mIoU with each background threshold, and the best one; choose it on a tuning
+                       split, never on a held-out one;
+
+and writes into output_dir (default <checkpoint>/diagnose/<dataset>/) `diagnose.json`, `confusion.png` (rows =
+ground truth, normalised per row) and `bg_threshold.png` (mIoU against the threshold).
+
+The threshold curve comes from one pass with the foreground scores: a pixel is background at threshold t when its
+best class score is below min(t, the image's best pixel score), the protocol's rule with the image's best pixel
+standing in for its crop's best group. At native-size protocols (one window, every group owning a pixel) that is
+the protocol exactly.
+"""
+import json
+import os
+from typing import Any, Dict, Iterable, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from mixreorg_jax import seg_metrics
+
+DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
+OBJECT_GROUP_PURITY = 0.5  # an object group has more than this share of its labelled pixels in one class.
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-image statistics (pure numpy).
+# ----------------------------------------------------------------------------------------------------------------
+def label_with_threshold(foreground_scores: np.ndarray, threshold: float) -> np.ndarray:
+  """Foreground class scores [C-1, H, W] -> labels int [H, W] (0 = background, c = foreground class c - 1).
+
+  Background where the best score is below min(threshold, the image's best score), the protocol's rule.
+  """
+  best = foreground_scores.max(axis=0)
+  background = best < min(threshold, float(best.max()))
+  return np.where(background, 0, foreground_scores.argmax(axis=0) + 1)
+
+
+def oracle_labels(label: np.ndarray, groups: np.ndarray, num_classes: int,
+                  ignore_index: int = seg_metrics.IGNORE_INDEX) -> np.ndarray:
+  """Every group takes its majority ground-truth label. label, groups: int [H, W] -> int [H, W].
+
+  A group with no labelled pixel keeps label 0 (it is not scored anyway: all its pixels are ignored).
+  """
+  out = np.zeros_like(label)
+  for g in np.unique(groups):
+    inside = groups == g
+    values = label[inside]
+    values = values[(values != ignore_index) & (values < num_classes)]
+    if values.size:
+      out[inside] = np.bincount(values, minlength=num_classes).argmax()
+  return out
+
+
+def object_groups_named(label: np.ndarray, pred: np.ndarray, groups: np.ndarray, num_classes: int,
+                        ignore_index: int = seg_metrics.IGNORE_INDEX) -> Tuple[int, int]:
+  """-> (object groups, those named right) of one image. label, pred, groups: int [H, W].
+
+  An object group has more than OBJECT_GROUP_PURITY of its labelled pixels in one foreground class; it is named
+  right when the majority of the predicted labels over the whole group is that class.
+  """
+  total = right = 0
+  for g in np.unique(groups):
+    inside = groups == g
+    values = label[inside]
+    keep = (values != ignore_index) & (values < num_classes)
+    if not keep.any():
+      continue
+    counts = np.bincount(values[keep], minlength=num_classes)
+    majority = int(counts.argmax())
+    if majority == 0 or counts[majority] <= OBJECT_GROUP_PURITY * keep.sum():
+      continue
+    total += 1
+    right += int(np.bincount(pred[inside], minlength=num_classes).argmax() == majority)
+  return total, right
+
+
+class Diagnosis:
+  """Accumulates the statistics of `diagnose` over images (label 0 is the background)."""
+
+  def __init__(self, class_names: Sequence[str], thresholds: Sequence[float], protocol_threshold: float):
+    self.class_names = tuple(class_names)
+    self.thresholds = tuple(float(t) for t in thresholds)
+    self.protocol_threshold = float(protocol_threshold)
+    c = len(class_names)
+    self.confusion = np.zeros((c, c), np.int64)  # at the protocol's threshold
+    self.oracle_confusion = np.zeros((c, c), np.int64)
+    self.threshold_confusions = np.zeros((len(self.thresholds), c, c), np.int64)
+    self.object_groups = self.named_right = self.num_images = 0
+
+  def add(self, label: np.ndarray, foreground_scores: np.ndarray, groups: np.ndarray) -> None:
+    """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel); groups int [H, W]."""
+    c = len(self.class_names)
+    pred = label_with_threshold(foreground_scores, self.protocol_threshold)
+    self.confusion += seg_metrics.confusion_matrix(label, pred, c)
+    self.oracle_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, groups, c), c)
+    for i, t in enumerate(self.thresholds):
+      self.threshold_confusions[i] += seg_metrics.confusion_matrix(label, label_with_threshold(foreground_scores, t),
+                                                                   c)
+    total, right = object_groups_named(label, pred, groups, c)
+    self.object_groups += total
+    self.named_right += right
+    self.num_images += 1
+
+  def summary(self) -> Dict[str, Any]:
+    miou = lambda confusion: seg_metrics.summarize(confusion, self.class_names)["mIoU"]  # noqa: E731
+    curve = [miou(m) for m in self.threshold_confusions]
+    best = int(np.nanargmax(curve)) if curve else 0
+    background = self.confusion[0]
+    protocol = seg_metrics.summarize(self.confusion, self.class_names)
+    return {
+        "num_images": self.num_images,
+        "mIoU": protocol["mIoU"],
+        "per_class_iou": protocol["per_class_iou"],
+        "oracle_mIoU": miou(self.oracle_confusion),
+        "object_groups": self.object_groups,
+        "object_groups_named_right": 100.0 * self.named_right / max(self.object_groups, 1),
+        "background_false_positive_rate": 100.0 * background[1:].sum() / max(background.sum(), 1),
+        "bg_threshold": self.protocol_threshold,
+        "thresholds": list(self.thresholds),
+        "mIoU_by_threshold": curve,
+        "best_threshold": self.thresholds[best] if curve else None,
+        "best_threshold_mIoU": curve[best] if curve else None,
+        "confusion": self.confusion.tolist(),
+    }
+
+
+def verdict(summary: Dict[str, Any]) -> str:
+  """One sentence: which part loses more mIoU, the grouping (100 - oracle) or the naming (oracle - mIoU)."""
+  miou, oracle, named = summary["mIoU"], summary["oracle_mIoU"], summary["object_groups_named_right"]
+  grouping_loss, naming_loss = 100.0 - oracle, oracle - miou
+  if max(grouping_loss, naming_loss) < 1.0:
+    return f"neither: {miou:.1f} mIoU, as much as its groups allow ({oracle:.1f})."
+  if grouping_loss >= naming_loss:
+    return (f"grouping: a perfect namer would reach only {oracle:.1f} mIoU on these groups (the naming loses "
+            f"{naming_loss:.1f} more, to {miou:.1f}).")
+  return (f"naming: the groups allow {oracle:.1f} mIoU and the protocol gets {miou:.1f}; "
+          f"{named:.0f}% of the object groups are named right and "
+          f"{summary['background_false_positive_rate']:.0f}% of the background pixels are called objects.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures.
+# ----------------------------------------------------------------------------------------------------------------
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str) -> str:
+  """Row-normalised confusion matrix (rows = ground truth) as a PNG; -> path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+  n = len(class_names)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+  ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+  for i in range(n):
+    for j in range(n):
+      if rows[i, j] >= 0.005:
+        ax.text(j, i, f"{100 * rows[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if rows[i, j] > 0.5 else "black")
+  ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
+  ax.set_yticks(range(n), class_names, fontsize=8)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("ground truth")
+  ax.set_title("confusion, % of each ground-truth class")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_threshold_curve(thresholds: Sequence[float], mious: Sequence[float], chosen: float, path: str) -> str:
+  """mIoU against the background threshold as a PNG, the protocol's threshold marked; -> path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(4.2, 3.0))
+  ax.plot(thresholds, mious, marker="o", ms=3, lw=1.2)
+  ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"protocol ({chosen:g})")
+  ax.set_xlabel("background threshold")
+  ax.set_ylabel("mIoU")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the protocol.
+# ----------------------------------------------------------------------------------------------------------------
+def foreground_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The eval config with the background rule turned off (threshold 0), so the scores are the foreground ones."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.bg_threshold = 0.0
+  return out
+
+
+def diagnose_examples(examples: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: Sequence[str],
+                      config: ml_collections.ConfigDict, thresholds: Sequence[float]) -> Dict[str, Any]:
+  """(label [H, W], scores [C, H, W] with a background channel first, groups [H, W]) per image -> summary."""
+  diagnosis = Diagnosis(class_names, thresholds if config.with_background else (), config.bg_threshold)
+  for label, scores, groups in examples:
+    diagnosis.add(label, scores[1:], groups)
+  return diagnosis.summary()
+
+
+def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, output_dir: str = "",
+                        thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> Dict[str, Any]:
+  """The command: segments config's dataset with the checkpoint, prints and writes the diagnosis."""
+  from mixreorg_jax import inference  # pylint: disable=g-import-not-at-top
+  from mixreorg_jax import zeroshot  # pylint: disable=g-import-not-at-top
+  from mixreorg_jax.data import seg_datasets  # pylint: disable=g-import-not-at-top
+  if not config.with_background:
+    raise ValueError("diagnose needs a dataset with a background class (config.with_background=True): the "
+                     "background false positives and the threshold curve are about it.")
+  model = inference.load(checkpoint)
+  dataset = seg_datasets.from_config(config)
+  class_names = seg_datasets.prompt_class_names(config, dataset)
+  variables = model.variables
+  text_fn = zeroshot.make_text_fn(model.model)
+  class_emb = zeroshot.class_embeddings(lambda t: text_fn(variables, t),
+                                        zeroshot.checkpoint_tokenizer(model.tokenizer),
+                                        zeroshot.foreground_names(class_names, True), config.prompt_templates)
+  segmenter = zeroshot.SlidingWindowSegmenter(model.model, variables, class_emb,
+                                              zeroshot.Protocol.from_config(foreground_protocol(config)),
+                                              image_normalization=model.image_normalization)
+  labels = {}
+
+  def images():
+    for name, image, label in dataset:
+      labels[name] = label
+      yield name, image
+
+  summary = diagnose_examples(((labels.pop(name), scores, groups) for name, scores, groups in segmenter(images())),
+                              class_names, config, thresholds)
+  summary["class_names"] = list(class_names)
+  summary["checkpoint"] = os.path.abspath(checkpoint)
+  summary["dataset"] = f"{config.data.name} at {config.data.root}"
+  summary["verdict"] = verdict(summary)
+  output_dir = output_dir or os.path.join(checkpoint, "diagnose", config.data.name)
+  os.makedirs(output_dir, exist_ok=True)
+  plot_confusion(np.asarray(summary["confusion"]), class_names, os.path.join(output_dir, "confusion.png"))
+  plot_threshold_curve(summary["thresholds"], summary["mIoU_by_threshold"], config.bg_threshold,
+                       os.path.join(output_dir, "bg_threshold.png"))
+  with open(os.path.join(output_dir, "diagnose.json"), "w") as f:
+    json.dump(seg_metrics.json_safe(summary), f, indent=1)
+  print(format_report(summary), flush=True)
+  print(f"wrote {output_dir}/diagnose.json, confusion.png, bg_threshold.png", flush=True)
+  return summary
+
+
+def format_report(summary: Dict[str, Any]) -> str:
+  lines = [f"{summary['num_images']} images of {summary.get('dataset', '')}",
+           f"mIoU at background threshold {summary['bg_threshold']:g}: {summary['mIoU']:.1f}",
+           f"oracle mIoU of the groups (majority label per group): {summary['oracle_mIoU']:.1f}",
+           f"object groups named right: {summary['object_groups_named_right']:.1f}% of {summary['object_groups']}",
+           f"background pixels called objects: {summary['background_false_positive_rate']:.1f}%",
+           f"best background threshold: {summary['best_threshold']:g} (mIoU {summary['best_threshold_mIoU']:.1f})",
+           "per-class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_iou"].items()),
+           f"verdict: {summary['verdict']}"]
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "An eval config file (configs/eval/*.py).", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory (export or converter).")
+  flags.DEFINE_string("output_dir", "", "Where to write; '' = <checkpoint>/diagnose/<dataset>/.")
+  flags.DEFINE_list("thresholds", [str(t) for t in DEFAULT_THRESHOLDS], "Background thresholds of the curve.")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  diagnose_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output_dir,
+                      [float(t) for t in flags.FLAGS.thresholds])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,119 @@
+"""tools/diagnose: grouping against naming, on models whose answers are known, and the command's files."""
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mixreorg_jax.data import synthetic
+from mixreorg_jax.tools import diagnose
+from tests.test_evaluate import REPO, make_checkpoint
+
+CLASSES = ("background", "a", "b", "c")
+
+
+def scene(seed=0, size=16):
+  """A label map with background and two square objects of distinct classes. -> int [H, W]."""
+  rng = np.random.default_rng(seed)
+  label = np.zeros((size, size), np.int64)
+  a, b = rng.choice([1, 2, 3], 2, replace=False)
+  label[2:7, 2:7] = a
+  label[9:14, 8:15] = b
+  return label
+
+
+def scores_naming(label, names, object_score=0.9, background_score=0.3):
+  """Foreground scores [C-1, H, W] that call every object pixel of class c `names[c]` with object_score, and put
+  background_score on class 1 at background pixels."""
+  scores = np.zeros((len(CLASSES) - 1,) + label.shape, np.float32)
+  for c in range(1, len(CLASSES)):
+    scores[names[c] - 1][label == c] = object_score
+  scores[0][label == 0] = background_score
+  return scores
+
+
+def run(examples, threshold=0.5, thresholds=(0.2, 0.5, 0.95)):
+  d = diagnose.Diagnosis(CLASSES, thresholds, threshold)
+  for label, scores, groups in examples:
+    d.add(label, scores, groups)
+  return d.summary()
+
+
+def test_a_perfect_model_groups_and_names_everything():
+  labels = [scene(s) for s in range(4)]
+  s = run([(lab, scores_naming(lab, {1: 1, 2: 2, 3: 3}), lab) for lab in labels])
+  assert s["mIoU"] == pytest.approx(100) and s["oracle_mIoU"] == pytest.approx(100)
+  assert s["object_groups"] == 8 and s["object_groups_named_right"] == pytest.approx(100)
+  assert s["background_false_positive_rate"] == 0
+  assert diagnose.verdict(s).startswith("neither")
+
+
+def test_right_groups_with_wrong_names_is_a_naming_failure():
+  labels = [scene(s) for s in range(4)]
+  swapped = {1: 2, 2: 3, 3: 1}  # every object called the next class
+  s = run([(lab, scores_naming(lab, swapped), lab) for lab in labels])
+  assert s["oracle_mIoU"] == pytest.approx(100)
+  assert s["object_groups_named_right"] == 0
+  iou_background = s["per_class_iou"]["background"]
+  assert iou_background == pytest.approx(100) and s["mIoU"] == pytest.approx(25)  # only the background is right
+  assert diagnose.verdict(s).startswith("naming")
+
+
+def test_one_group_per_image_is_a_grouping_failure():
+  labels = [scene(s) for s in range(4)]
+  s = run([(lab, scores_naming(lab, {1: 1, 2: 2, 3: 3}), np.zeros_like(lab)) for lab in labels])
+  # The single group is mostly background: the oracle labels every pixel background.
+  assert s["oracle_mIoU"] == pytest.approx(100 * (16 * 16 - 25 - 35) / (16 * 16) / 4, abs=1e-6)
+  assert s["object_groups"] == 0
+  assert diagnose.verdict(s).startswith("grouping")
+
+
+def test_background_false_positives_and_the_threshold_curve():
+  lab = scene(0)
+  scores = scores_naming(lab, {1: 1, 2: 2, 3: 3}, object_score=0.9, background_score=0.3)
+  s = run([(lab, scores, lab)], threshold=0.2, thresholds=(0.2, 0.5, 0.95))
+  # At 0.2 the background pixels (score 0.3 on class 1) become class 1; at 0.5 they are background again; at
+  # 0.95 the threshold is capped by the image's best score 0.9, so the objects stay objects.
+  assert s["background_false_positive_rate"] == pytest.approx(100)
+  assert s["mIoU_by_threshold"][1] == pytest.approx(100) and s["mIoU_by_threshold"][2] == pytest.approx(100)
+  assert s["mIoU_by_threshold"][0] == pytest.approx(s["mIoU"]) and s["mIoU"] < 60
+  assert s["best_threshold"] == 0.5
+
+
+def test_oracle_and_named_groups_ignore_unlabelled_pixels():
+  lab = scene(1)
+  lab[0, :] = 255
+  groups = lab.copy()
+  groups[lab == 255] = 7  # a group made only of ignored pixels is neither scored nor counted
+  pred = lab.copy()
+  pred[lab == 255] = 0
+  assert np.array_equal(diagnose.oracle_labels(lab, groups, 4)[lab != 255], lab[lab != 255])
+  assert diagnose.object_groups_named(lab, pred, groups, 4) == (2, 2)
+
+
+@pytest.mark.slow
+def test_diagnose_command_writes_report_and_pictures(tmp_path):
+  synthetic.write_voc_split(str(tmp_path / "voc"), 3, 64, 0, "voc_val")
+  checkpoint = make_checkpoint(tmp_path / "ckpt")
+  result = subprocess.run(
+      [sys.executable, "-m", "mixreorg_jax.tools.diagnose", "--config=configs/eval/synthetic.py",
+       f"--checkpoint={checkpoint}", f"--config.data.root={tmp_path / 'voc'}", "--thresholds=0.1,0.5,0.9",
+       f"--output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "oracle mIoU" in result.stdout and "verdict:" in result.stdout
+  with open(tmp_path / "out" / "diagnose.json") as f:
+    report = json.load(f)
+  assert report["num_images"] == 3 and report["thresholds"] == [0.1, 0.5, 0.9]
+  assert len(report["mIoU_by_threshold"]) == 3 and 0 <= report["oracle_mIoU"] <= 100
+  assert np.asarray(report["confusion"]).sum() == 3 * 64 * 64
+  for name in ("confusion.png", "bg_threshold.png"):
+    assert os.path.getsize(tmp_path / "out" / name) > 1000
+
+
+def test_diagnose_needs_a_background_class():
+  config = ml_collections.ConfigDict({"with_background": False})
+  with pytest.raises(ValueError, match="with_background"):
+    diagnose.diagnose_checkpoint("unused", config)
