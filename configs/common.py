@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.context_length = 77
   c.input.num_nouns = 3  # GroupViT's multi-label loss: up to 3 nouns per caption; 0 disables.
   c.input.prompt_templates = ("a photo of a {}.",)
+  c.input.noun_context_length = 0  # tokens of a noun prompt (0 = input.context_length); prompts are short.
   c.input.shuffle_buffer = 10_000
   c.input.crop_scale = (0.08, 1.0)
   c.input.color_jitter = 0.0
@@ -66,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   # w_group_info (not in the paper; 0 = off) rewards the token-group mutual information of the grouping blocks.
   # seg_negatives: the captions L_seg contrasts a mixed patch against: "group" (the K source captions of its
   # mixing group, DESIGN.md) or "batch" (every caption of the global batch; not in the paper).
-  c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0, seg_negatives="group"))
+  # w_noun_seg (not in the paper; 0 = off, needs model.multi_label): every caption noun matched by one segment of
+  # its image (losses.noun_segment_loss).
+  c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0, seg_negatives="group",
+                                          w_noun_seg=0.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.6e-3, base_batch_size=4096,  # lr = base_lr * batch_size / base_batch_size (GroupViT).

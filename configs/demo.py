@@ -5,7 +5,7 @@ zero-shot on a held-out synthetic segmentation set in VOC layout.
 
 It generates the data on first use (data/synthetic), trains, evaluates and writes metrics, example
 segmentations and a training-curve plot into the workdir. Variants: `--config=configs/demo.py:groupvit` (the
-baseline) and `:no_context`, `:no_progressive`, `:no_restore` (the ablations of tools/run_ablation.py).
+baseline) and `:no_context`, `:no_progressive`, `:no_restore`, `:k4` (the ablations of tools/run_ablation.py).
 """
 from configs import common
 
@@ -15,6 +15,7 @@ VARIANTS = {
     "no_context": {"mix.context_layers": 0},
     "no_progressive": {"mix.progressive_weight": 0.0},
     "no_restore": {"loss.w_rest": 0.0},
+    "k4": {"mix.group_size": 4},
 }
 
 

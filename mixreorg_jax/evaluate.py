@@ -263,6 +263,11 @@ def eval_config_for_training(config: ml_collections.ConfigDict, final: bool) -> 
   return eval_config
 
 
+def _uses_synthetic_sets(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict) -> bool:
+  """Whether the trainer's evaluation is on the built-in synthetic sets (tuning voc_val, held-out voc)."""
+  return not config.eval.data_root and eval_config.data.root == os.path.join(config.input.synthetic_dir, "voc")
+
+
 def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdir: str, step: int,
                          final: bool = False) -> Dict[str, float]:
   """Evaluates a TrainState (.params, .batch_stats) with config.eval; -> {"eval/mIoU", "eval/pixel_acc", ...}.
@@ -282,7 +287,13 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
                          image_normalization=normalization)
   results = {"eval/mIoU": summary["mIoU"], "eval/pixel_acc": summary["pixel_acc"],
              "eval/mean_acc": summary["mean_acc"], "eval/groups_per_image": summary["groups_per_image"]}
+  results.update({f"eval/per_class/{name}": iou for name, iou in summary["per_class_iou"].items()})
   extra = {}
+  if final and _uses_synthetic_sets(config, eval_config):
+    # The tuning split too, so that choices over finished runs are made on it, never on the held-out set.
+    tuning = run_protocol(model, variables, tokenizer, eval_config_for_training(config, final=False),
+                          progress=False, image_normalization=normalization)
+    results["eval/tuning_mIoU"] = extra["tuning_mIoU"] = tuning["mIoU"]
   if final:
     results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
                                                                      config.get("seed", 0), normalization)

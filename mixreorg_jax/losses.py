@@ -44,6 +44,26 @@ def patch_to_segment(assignments) -> jax.Array:
   return a
 
 
+def noun_segment_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: jax.Array,
+                      scale: jax.Array) -> jax.Array:
+  """Not in the paper: every noun prompt must be matched by one segment of its own image.
+
+  segment_emb: [B, G, D] normalised segment embeddings; noun_emb: [B, M, D] normalised prompts of each caption's
+  nouns (multi-label prompts); noun_tokens: int [B, M, L] their token ids; scale: scalar. The affinity of prompt
+  (i, m) with image j is its best segment, max_g cos(s_{j,g}, n_{i,m}) (a multiple-instance match: one segment
+  must carry the noun, the others are free). Over the images of the batch, cross-entropy of scale * affinity
+  with every image whose prompts include the same prompt as a positive (images that share a noun are not
+  negatives). -> scalar.
+  """
+  b, m, d = noun_emb.shape
+  affinity = jnp.einsum("jgd,imd->imjg", segment_emb, noun_emb).max(axis=-1)  # [B, M, B]
+  logits = scale * affinity
+  flat = noun_tokens.reshape(b * m, -1)
+  same = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).reshape(b, m, b, m).any(axis=-1)  # [B, M, B]
+  positive = jnp.where(same, logits, -jnp.inf)
+  return (jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(positive, axis=-1)).mean()
+
+
 SEG_NEGATIVES = ("group", "batch")
 
 
@@ -91,7 +111,9 @@ def group_information(soft: jax.Array) -> jax.Array:
   return (entropy(soft.mean(axis=1)) - entropy(soft).mean(axis=1)).mean()
 
 
-def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0) -> jax.Array:
-  """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group (missing terms count as 0)."""
+def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0,
+               w_noun_seg: float = 0.0) -> jax.Array:
+  """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group + w_noun_seg * L_noun_seg (missing
+  terms count as 0)."""
   return (terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)
-          - w_group_info * terms.get("group_info", 0.0))
+          - w_group_info * terms.get("group_info", 0.0) + w_noun_seg * terms.get("loss_noun_seg", 0.0))

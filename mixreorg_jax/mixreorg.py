@@ -71,7 +71,7 @@ def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_co
   mixreorg = config.model.mixreorg
   b = batch["image"].shape[0]
   segments, assignments, src = _image_branches(model, batch["image"], config.mix, mixreorg, train)
-  image_emb, _ = model.project_segments(segments[:b], train)  # only the original branch updates BN stats.
+  image_emb, segment_emb = model.project_segments(segments[:b], train)  # only the original branch updates BN.
   text_emb = model.encode_text(batch["text"], train)
   scale = model.scale()
   out = {"logit_scale": scale}
@@ -82,6 +82,8 @@ def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_co
     out["loss_multi_label"] = losses.multi_label_loss(image_emb, noun_emb, ml_scale)
     out["loss_orig"] = out["loss_orig"] + out["loss_multi_label"]
     out["multi_label_logit_scale"] = ml_scale
+    if config.loss.w_noun_seg:
+      out["loss_noun_seg"] = losses.noun_segment_loss(segment_emb, noun_emb, batch["nouns"], ml_scale)
   if mixreorg:
     restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
     out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)
@@ -91,5 +93,6 @@ def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_co
                                                       config.mix.group_size, config.loss.seg_negatives)
   # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
   out["group_info"] = sum(losses.group_information(a.soft) for a in assignments) / max(len(assignments), 1)
-  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info)
+  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info,
+                                  config.loss.w_noun_seg)
   return out

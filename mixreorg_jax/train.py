@@ -97,11 +97,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.input.image_size % v.patch_size:
     raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of "
                      f"config.model.vision.patch_size={v.patch_size}.")
+  if config.input.noun_context_length and not 3 <= config.input.noun_context_length <= config.input.context_length:
+    raise ValueError(f"config.input.noun_context_length={config.input.noun_context_length} must be 0 (the caption "
+                     f"length) or in [3, config.input.context_length={config.input.context_length}].")
   if config.input.context_length > config.model.text.context_length:
     raise ValueError(f"config.input.context_length={config.input.context_length} exceeds "
                      f"config.model.text.context_length={config.model.text.context_length}.")
   if config.model.multi_label and not config.input.num_nouns:
     raise ValueError("config.model.multi_label=True needs config.input.num_nouns > 0.")
+  if config.loss.w_noun_seg and not config.model.multi_label:
+    raise ValueError("config.loss.w_noun_seg needs the noun prompts of config.model.multi_label=True.")
   tokenizer = tokenizers.make_tokenizer(config.input)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="

@@ -38,7 +38,8 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[st
   batch = {"image": jnp.zeros((batch_size, size, size, 3), jnp.float32),
            "text": jnp.zeros((batch_size, length), jnp.int32)}
   if config.model.multi_label:
-    batch["nouns"] = jnp.zeros((batch_size, config.input.num_nouns, length), jnp.int32)
+    noun_length = config.input.noun_context_length or length
+    batch["nouns"] = jnp.zeros((batch_size, config.input.num_nouns, noun_length), jnp.int32)
   return batch
 
 

@@ -71,6 +71,23 @@ def test_batches_have_the_documented_shapes_and_dtypes(tmp_path):
   np.testing.assert_array_equal(b["nouns"][:, 2], np.broadcast_to(prompt, (8, 12)))
 
 
+def test_noun_prompts_can_be_shorter_than_captions_and_keep_their_eot(tmp_path):
+  _write(tmp_path / "a.tfrecord", [_good(i) for i in range(20)])
+  it = input_pipeline.make_train_iterator(_config(tmp_path, num_nouns=3, noun_context_length=8), 0, 1)
+  b = next(it)
+  assert b["text"].shape == (8, 12) and b["nouns"].shape == (8, 3, 8)
+  eot = it.tokenizer.eot_id
+  assert ((b["nouns"] == eot).sum(axis=2) == 1).all()
+  prompt = it.tokenizer.tokenize_numpy(["a photo of a picture."])[0]
+  assert (prompt[8:] == 0).all()  # the prompt fits in 8 tokens: it is not cut
+  np.testing.assert_array_equal(b["nouns"][:, 2], np.broadcast_to(prompt[:8], (8, 8)))
+  # Caption fill slots are the caption's first ids, ended by eot where it was cut off.
+  for caption, filled in zip(b["text"], b["nouns"][:, 0]):
+    cut = (caption[:8] != eot).all()
+    np.testing.assert_array_equal(filled[:7], caption[:7])
+    assert filled[7] == (eot if cut else caption[7])
+
+
 def _corrupt_records():
   good = _image(0)
   truncated = _encode(good)[:200]

@@ -1,20 +1,50 @@
-"""The ablation table: mean ± std over seeds per variant, and the two baselines over all runs."""
+"""The ablation runner: the table (mean ± std over seeds, baselines) and the tracked file of finished runs."""
+import json
+
 from mixreorg_jax.tools import run_ablation
 
 
 def test_table_reports_mean_std_per_variant_and_baselines():
   results = {
       "groupvit": [{"eval/mIoU": 10.0, "eval/chance_mIoU": 8.0, "eval/untrained_mIoU": 5.0, "eval/image_top1": 70.0,
-                    "eval/image_top1_chance": 20.0, "eval/groups_per_image": 3.0},
+                    "eval/image_top1_chance": 20.0, "eval/groups_per_image": 3.0, "eval/tuning_mIoU": 11.0},
                    {"eval/mIoU": 14.0, "eval/chance_mIoU": 10.0, "eval/image_top1": 80.0,
-                    "eval/groups_per_image": 5.0}],
+                    "eval/groups_per_image": 5.0, "eval/tuning_mIoU": 13.0}],
       "mixreorg": [{"eval/mIoU": 20.0, "eval/chance_mIoU": 9.0, "eval/untrained_mIoU": 7.0},
                    {"eval/mIoU": 30.0, "eval/chance_mIoU": 9.0, "eval/untrained_mIoU": 6.0}],
   }
   rows = run_ablation.table(results).strip().split("\n")
-  assert rows[2] == ("| GroupViT baseline (`model.mixreorg=False`) | 12.0 ± 2.0 | 10.0, 14.0 | 75.0 ± 5.0 | "
-                     "4.0 ± 1.0 |")
-  assert rows[3] == "| MixReorg | 25.0 ± 5.0 | 20.0, 30.0 | n/a | n/a |"
-  assert rows[4] == "| chance (random group assignment / random class) | 9.0 ± 0.7 | over 4 runs | 20.0 ± 0.0 | |"
-  assert rows[5] == "| untrained model (the runs' initial parameters) | 6.0 ± 0.8 | over 3 runs |  | |"
+  assert rows[2] == ("| GroupViT baseline (`model.mixreorg=False`) | 12.0 ± 2.0 | 10.0, 14.0 | 12.0 ± 1.0 | "
+                     "75.0 ± 5.0 | 4.0 ± 1.0 |")
+  assert rows[3] == "| MixReorg | 25.0 ± 5.0 | 20.0, 30.0 | n/a | n/a | n/a |"
+  assert rows[4] == ("| chance (random group assignment / random class) | 9.0 ± 0.7 | over 4 runs | | 20.0 ± 0.0 "
+                     "| |")
+  assert rows[5] == "| untrained model (the runs' initial parameters) | 6.0 ± 0.8 | over 3 runs | | | |"
   assert len(rows) == 6
+
+
+def test_finished_runs_are_kept_in_the_results_file_and_not_run_again(tmp_path, monkeypatch):
+  results = str(tmp_path / "runs.jsonl")
+  trained = []
+
+  def fake_train(variant, seed, run_dir, extra):
+    trained.append((variant, seed))
+    return {"eval/mIoU": 40.0 + int(seed)}
+
+  monkeypatch.setattr(run_ablation, "train_run", fake_train)
+  extra = ["--config.total_steps=10", "--config.a=1"]
+  known = run_ablation.read_results(results)
+  assert known == {}
+  assert run_ablation.run("mixreorg", "1", str(tmp_path / "r"), extra, results, known) == {"eval/mIoU": 41.0}
+  # A new reader (another machine) finds it, whatever the order of the overrides, and trains nothing.
+  again = run_ablation.read_results(results)
+  assert run_ablation.run("mixreorg", "1", "unused", list(reversed(extra)), results, again) == {"eval/mIoU": 41.0}
+  assert trained == [("mixreorg", "1")]
+  # Another seed or other overrides are other runs.
+  run_ablation.run("mixreorg", "2", str(tmp_path / "r2"), extra, results, again)
+  run_ablation.run("mixreorg", "1", str(tmp_path / "r3"), extra[:1], results, again)
+  assert trained == [("mixreorg", "1"), ("mixreorg", "2"), ("mixreorg", "1")]
+  with open(results) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["seed"] for r in records] == ["1", "2", "1"] and records[0]["overrides"] == sorted(extra)
+  assert {"commit", "seconds", "metrics", "variant"} <= set(records[0])

@@ -225,3 +225,23 @@ def test_seg_loss_rejects_unknown_negatives():
   with pytest.raises(ValueError, match="config.loss.seg_negatives"):
     losses.seg_loss(jnp.ones((2, 1, 1)), jnp.ones((2, 1, 1)), jnp.ones((2, 1)), jnp.zeros((2, 1), jnp.int32),
                     1.0, 2, "everything")
+
+
+def test_noun_segment_loss_matches_a_written_out_computation():
+  rng = np.random.default_rng(1)
+  b, g, m, d, length = 5, 3, 2, 6, 4
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  segments = unit(rng.normal(size=(b, g, d))).astype(np.float32)
+  nouns = unit(rng.normal(size=(b, m, d))).astype(np.float32)
+  tokens = rng.integers(0, 50, (b, m, length))
+  tokens[3, 1] = tokens[0, 0]  # images 0 and 3 share a noun: a second positive for both prompts
+  scale = 6.0
+  losses_ = []
+  for i in range(b):
+    for k in range(m):
+      logits = np.array([scale * max(segments[j, h] @ nouns[i, k] for h in range(g)) for j in range(b)])
+      positives = [j for j in range(b) if any((tokens[j, q] == tokens[i, k]).all() for q in range(m))]
+      assert i in positives and (len(positives) == 2) == ((i, k) in ((0, 0), (3, 1)))
+      losses_.append(np.log(np.exp(logits).sum()) - np.log(np.exp(logits[positives]).sum()))
+  ours = losses.noun_segment_loss(jnp.asarray(segments), jnp.asarray(nouns), jnp.asarray(tokens), jnp.float32(scale))
+  np.testing.assert_allclose(ours, np.mean(losses_), rtol=1e-5)

@@ -234,7 +234,10 @@ def make_train_dataset(cfg, tokenizer=None, process_index: Optional[int] = None,
     out = dict(image=b["image"], text=tokenizer.tokenize(b["text"]), skipped=b["skipped"][-1])
     if cfg.num_nouns:
       flat = tokenizer.tokenize(tf.reshape(b["prompts"], [-1]))  # [b*M, L]
-      out["nouns"] = tf.reshape(flat, [-1, cfg.num_nouns, tokenizer.context_length])
+      noun_length = cfg.get("noun_context_length", 0) or tokenizer.context_length  # noun prompts are short
+      if noun_length < tokenizer.context_length:
+        flat = tokenizers.truncate_tokens(flat, noun_length, tokenizer.eot_id)
+      out["nouns"] = tf.reshape(flat, [-1, cfg.num_nouns, noun_length])
     return out
 
   ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)

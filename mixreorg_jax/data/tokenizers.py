@@ -36,6 +36,15 @@ def pack_ids(ids: tf.RaggedTensor, context_length: int, bos_id: int, eot_id: int
   return row.to_tensor(default_value=pad_id, shape=[None, context_length])
 
 
+def truncate_tokens(tokens: tf.Tensor, length: int, eot_id: int) -> tf.Tensor:
+  """Packed ids int32 [n, L] -> [n, length] (length <= L): the first `length` ids, with the last one replaced by
+  eot in rows whose eot was cut off, so every row still ends its text with eot (the pooled position)."""
+  short = tokens[:, :length]
+  has_eot = tf.reduce_any(tf.equal(short, eot_id), axis=1, keepdims=True)
+  last = tf.where(has_eot, short[:, -1:], tf.fill(tf.shape(short[:, -1:]), tf.constant(eot_id, short.dtype)))
+  return tf.concat([short[:, :-1], last], axis=1)
+
+
 class SentencePieceTokenizer:
   """In-graph SentencePiece (tensorflow-text). tokenize(strings [n]) -> int32 [n, L]."""
 

@@ -1,31 +1,41 @@
 r"""Runs the demo ablation (same data, steps and seeds) and writes a markdown table of held-out mIoU.
 
-  python -m mixreorg_jax.tools.run_ablation --workdir=workdirs/ablation --seeds=0,1,2 [--config.key=value ...]
+  python -m mixreorg_jax.tools.run_ablation --workdir=workdirs/ablation --seeds=0,1,2,3,4 \
+      [--variants=groupvit,mixreorg,...] [--results=docs/results/demo_runs.jsonl] [--config.key=value ...]
 
-Each (variant, seed) trains `configs/demo.py:<variant>` in its own process and evaluates zero-shot on the held-out
-synthetic set; finished runs are reused, so an interrupted sweep resumes. Extra `--config.*` arguments are passed
-to every run (e.g. `--config.total_steps=300` for a quicker sweep). The table reports mean ± standard deviation
-over seeds, and two baselines computed with the same protocol: chance (random group assignment) and the
-untrained model.
+Each (variant, seed) trains `configs/demo.py:<variant>` in its own process and evaluates zero-shot on the tuning
+and the held-out synthetic sets. Every finished run is appended to the results file (one JSON line: variant,
+seed, the extra overrides, the final eval/* metrics, the commit and the time it took). That file is tracked in
+git, so the table can be rebuilt and an interrupted sweep resumed on another machine: a run already in it is
+not run again, and a run killed half-way resumes from its last checkpoint in the workdir. Extra `--config.*`
+arguments are passed to every run (e.g. `--config.total_steps=450` for a quicker sweep) and are part of what
+identifies it. `--table_only` rebuilds the table from the results file without training.
+
+The table reports mean ± standard deviation over seeds (population std) of the held-out mIoU, the tuning-split
+mIoU, image-level top-1 and groups per image, and two baselines computed with the same protocol: chance (random
+group assignment) and the untrained model.
 """
 import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+import time
+from typing import Dict, List, Sequence
 
 from absl import app
 from absl import flags
 import numpy as np
 
-VARIANTS = ("groupvit", "mixreorg", "no_context", "no_progressive", "no_restore")
+VARIANTS = ("groupvit", "mixreorg", "no_context", "no_progressive", "no_restore", "k4")
 DESCRIPTIONS = {
     "groupvit": "GroupViT baseline (`model.mixreorg=False`)",
     "mixreorg": "MixReorg",
     "no_context": "MixReorg, `mix.context_layers=0`",
     "no_progressive": "MixReorg, `mix.progressive_weight=0`",
     "no_restore": "MixReorg, `loss.w_rest=0`",
+    "k4": "MixReorg, `mix.group_size=4`",
 }
+DEFAULT_RESULTS = "docs/results/demo_runs.jsonl"
 
 FLAGS = flags.FLAGS
 
@@ -34,8 +44,10 @@ def define_flags() -> None:
   """Defined when run as a script only, so that importing `table` defines no flags (tools share names)."""
   flags.DEFINE_string("workdir", "workdirs/ablation", "One sub-directory per run goes here.")
   flags.DEFINE_list("variants", list(VARIANTS), "Variants of configs/demo.py to run.")
-  flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed (and config.input.seed) values.")
+  flags.DEFINE_string("results", DEFAULT_RESULTS, "JSON-lines file of finished runs (read, then appended to).")
   flags.DEFINE_string("output", "", "Markdown table path (default <workdir>/ablation.md).")
+  flags.DEFINE_bool("table_only", False, "Only rebuild the table from --results; train nothing.")
 
 
 def final_metrics(run_dir: str) -> Dict[str, float]:
@@ -51,14 +63,58 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
   return found
 
 
-def run(variant: str, seed: str, run_dir: str, extra: List[str]) -> Dict[str, float]:
+def run_key(variant: str, seed: str, extra: Sequence[str]) -> str:
+  """What identifies a run in the results file: variant, seed and the sorted extra overrides."""
+  return json.dumps([variant, str(seed), sorted(extra)])
+
+
+def read_results(path: str) -> Dict[str, Dict]:
+  """run_key -> record of every finished run in the results file ({} if there is none)."""
+  records = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          records[run_key(record["variant"], record["seed"], record["overrides"])] = record
+  return records
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ""
+
+
+def train_run(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> Dict[str, float]:
+  """Trains and evaluates one run in run_dir (resuming it if it was interrupted). -> its final eval metrics."""
   if not final_metrics(run_dir):
     cmd = [sys.executable, "-m", "mixreorg_jax.train", f"--config=configs/demo.py:{variant}",
            f"--workdir={run_dir}", f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
     print(" ".join(cmd), flush=True)
-    with open(os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.log"), "w") as log:
+    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    with open(os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.log"), "a") as log:
       subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
   return final_metrics(run_dir)
+
+
+def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_path: str,
+        known: Dict[str, Dict]) -> Dict[str, float]:
+  """The metrics of (variant, seed, extra): from the results file, or trained now and appended to it."""
+  key = run_key(variant, seed, extra)
+  if key in known:
+    return known[key]["metrics"]
+  start = time.time()
+  metrics = train_run(variant, seed, run_dir, extra)
+  record = {"variant": variant, "seed": str(seed), "overrides": sorted(extra), "metrics": metrics,
+            "commit": _commit(), "seconds": round(time.time() - start, 1)}
+  os.makedirs(os.path.dirname(results_path) or ".", exist_ok=True)
+  with open(results_path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+  known[key] = record
+  return metrics
 
 
 def _mean_std(values) -> str:
@@ -77,14 +133,15 @@ def _mean_std_of(runs: List[Dict[str, float]], key: str) -> str:
 
 
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
-  """Markdown: per variant, held-out mIoU, image-level zero-shot top-1 and groups per image (mean ± std over
-  seeds), then the chance and untrained-model baselines over all runs."""
-  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | image-level top-1 % (mean ± std) | "
+  """Markdown: per variant, held-out mIoU (mean ± std and per seed), tuning-split mIoU, image-level zero-shot
+  top-1 and groups per image (mean ± std over seeds), then the chance and untrained-model baselines over all runs."""
+  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | tuning mIoU | image-level top-1 % | "
            "groups per image |",
-           "|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|"]
   for variant, runs in results.items():
     mious = [r["eval/mIoU"] for r in runs]
-    lines.append(f"| {DESCRIPTIONS[variant]} | {_mean_std(mious)} | {', '.join(f'{m:.1f}' for m in mious)} | "
+    lines.append(f"| {DESCRIPTIONS.get(variant, variant)} | {_mean_std(mious)} | "
+                 f"{', '.join(f'{m:.1f}' for m in mious)} | {_mean_std_of(runs, 'eval/tuning_mIoU')} | "
                  f"{_mean_std_of(runs, 'eval/image_top1')} | {_mean_std_of(runs, 'eval/groups_per_image')} |")
   all_runs = [r for runs in results.values() for r in runs]
   baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
@@ -93,19 +150,27 @@ def table(results: Dict[str, List[Dict[str, float]]]) -> str:
     values = _logged(all_runs, miou_key)
     if values:
       top1 = _mean_std_of(all_runs, top1_key) if top1_key else ""
-      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | {top1} | |")
+      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | | {top1} | |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   extra = [a for a in argv[1:] if a.startswith("--config.")]
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  known = read_results(FLAGS.results)
+  results = {v: [] for v in FLAGS.variants}
   # Seed-major order: an interrupted sweep has every variant at the same number of seeds.
-  runs = {(v, s): run(v, s, os.path.join(FLAGS.workdir, f"{v}_seed{s}"), extra)
-          for s in FLAGS.seeds for v in FLAGS.variants}
-  results = {v: [runs[v, s] for s in FLAGS.seeds] for v in FLAGS.variants}
-  text = table(results)
+  for seed in FLAGS.seeds:
+    for variant in FLAGS.variants:
+      key = run_key(variant, seed, extra)
+      if FLAGS.table_only:
+        if key in known:
+          results[variant].append(known[key]["metrics"])
+        continue
+      run_dir = os.path.join(FLAGS.workdir, f"{variant}_seed{seed}")
+      results[variant].append(run(variant, seed, run_dir, extra, FLAGS.results, known))
+  text = table({v: runs for v, runs in results.items() if runs})
   output = FLAGS.output or os.path.join(FLAGS.workdir, "ablation.md")
+  os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
   with open(output, "w") as f:
     f.write(text)
   print(text)
