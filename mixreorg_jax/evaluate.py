@@ -37,8 +37,8 @@ from mixreorg_jax.data import tokenizers
 
 PROTOCOL_KEYS = ("short_side", "window", "stride", "top_k_classes", "with_background", "bg_threshold",
                  "batch_size")
-CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_seg", "train/seg_acc",
-              "train/group_info")
+CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_seg", "train/loss_noun_seg",
+              "train/seg_acc", "train/group_info")
 
 
 # ----------------------------------------------------------------------------------------------------------------

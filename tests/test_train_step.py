@@ -46,7 +46,7 @@ def _assert_same_step_on_meshes(config, meshes=((8, 1), (4, 2))):
   results = {mesh: _two_steps_on_mesh(config, *mesh, state, batch) for mesh in [(1, 1), *meshes]}
   ref_metrics, ref_grads, ref_update = results[(1, 1)]
   assert np.isfinite(ref_metrics["loss"]) and ref_metrics["grad_norm"] > 0
-  keys = [k for k in ("loss", "loss_orig", "loss_rest", "loss_seg", "loss_multi_label", "grad_norm")
+  keys = [k for k in ("loss", "loss_orig", "loss_rest", "loss_seg", "loss_multi_label", "loss_noun_seg", "grad_norm")
           if k in ref_metrics]
   # Adam turns float noise on gradients that are 0 in theory (biases before a LayerNorm) into +-lr steps, so
   # updates are compared where the gradient is well above that noise. There they are about lr = 2e-3, 200x the
@@ -74,11 +74,12 @@ def test_same_loss_gradients_and_update_on_one_device_data8_and_fsdp():
 
 
 @pytest.mark.slow
-def test_multi_label_step_is_the_same_on_every_mesh_and_adds_its_term():
+def test_multi_label_and_noun_segment_step_is_the_same_on_every_mesh():
   config = helpers.tiny_config(**MESH_CONFIG, **{"model.multi_label": True, "input.num_nouns": 3,
-                                                  "loss.seg_negatives": "batch"})
+                                                  "loss.w_noun_seg": 1.0, "loss.seg_negatives": "batch"})
   metrics = _assert_same_step_on_meshes(config, meshes=((4, 2),))
   assert metrics["loss_multi_label"] > 0.5 * np.log(config.input.batch_size)
+  assert metrics["loss_noun_seg"] > 0.1
   assert metrics["multi_label_logit_scale"] == pytest.approx(np.exp(config.model.logit_scale_init), rel=1e-5)
 
 
