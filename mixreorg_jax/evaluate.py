@@ -264,8 +264,9 @@ def eval_config_for_training(config: ml_collections.ConfigDict, final: bool) -> 
 
 
 def _uses_synthetic_sets(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict) -> bool:
-  """Whether the trainer's evaluation is on the built-in synthetic sets (tuning voc_val, held-out voc)."""
-  return not config.eval.data_root and eval_config.data.root == os.path.join(config.input.synthetic_dir, "voc")
+  """Whether the trainer's evaluation is on the built-in synthetic sets and the tuning set voc_val is there."""
+  return (not config.eval.data_root and eval_config.data.root == os.path.join(config.input.synthetic_dir, "voc")
+          and os.path.isdir(os.path.join(config.input.synthetic_dir, "voc_val")))
 
 
 def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdir: str, step: int,

@@ -87,7 +87,9 @@ def test_evaluate_train_state_returns_finite_metrics_and_baselines(tmp_path):
       f.write(json.dumps({"step": step, "train/loss": 3.0 / step, "train/loss_seg": 0.5, "train/seg_acc": 0.6}) + "\n")
   results = evaluate.evaluate_train_state(config, model, state, str(workdir), step=20, final=True)
   assert {"eval/mIoU", "eval/pixel_acc", "eval/chance_mIoU", "eval/untrained_mIoU"} <= set(results)
-  assert all(np.isfinite(v) for v in results.values())
+  assert all(np.isfinite(v) for k, v in results.items() if not k.startswith("eval/per_class/"))
+  # Per-class IoU of every class; nan for a class absent from both the 2 images and the prediction.
+  assert {f"eval/per_class/{name}" for name in synthetic.CLASS_NAMES} <= set(results)
   assert results["eval/untrained_mIoU"] == pytest.approx(results["eval/mIoU"], abs=1e-6)
   assert 1 <= results["eval/groups_per_image"] <= config.model.vision.num_output_groups[-1]
   with open(workdir / "eval" / "voc_layout" / "metrics.json") as f:

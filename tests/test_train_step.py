@@ -123,15 +123,6 @@ def test_without_rest_and_seg_weights_loss_equals_groupvit_baseline():
   np.testing.assert_allclose(ours["loss"], ours["loss_orig"], rtol=1e-7)
 
 
-def _sharpened(params, factor=30.0):
-  """params with the first grouping block's assignment queries scaled, so assignments are confident and spread
-  (the token-group information is then far from 0, as after training)."""
-  def scale(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    return leaf * factor if "stages_0/downsample/assign/q_proj/kernel" in name else leaf
-  return jax.tree_util.tree_map_with_path(scale, params)
-
-
 def test_group_size_not_dividing_device_batch_fails_before_compiling():
   config = helpers.tiny_config(**{"mix.group_size": 3})
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 8, "fsdp": 1}))
@@ -170,18 +161,29 @@ def test_group_information_is_log_groups_when_sure_and_spread_and_zero_when_coll
   np.testing.assert_allclose(losses.group_information(half), marginal_entropy - 0.5 * np.log(2), rtol=1e-6)
 
 
+def _sharpened(params, factor=30.0):
+  """params with the first grouping block's assignment queries scaled, so that assignments are more confident
+  and the token-group information is larger than at initialisation."""
+  def scale(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return leaf * factor if "stages_0/downsample/assign/q_proj/kernel" in name else leaf
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def test_group_information_weight_subtracts_the_logged_term_and_reaches_the_grouping_blocks():
+  weight = 50.0  # the term is ~1e-2 here; the weight makes it far larger than the tolerance.
   plain = helpers.tiny_config(**{"loss.w_group_info": 0.0})
-  weighted = helpers.tiny_config(**{"loss.w_group_info": 0.5})
+  weighted = helpers.tiny_config(**{"loss.w_group_info": weight})
   _, _, _, state = _setup(plain)
   params = _sharpened(state.params)
   batch = helpers.random_batch(plain)
   rngs = train_step.step_rngs(state.rng, jnp.int32(3))
   ours = _forward(weighted, params, state.batch_stats, batch, rngs)
   theirs = _forward(plain, params, state.batch_stats, batch, rngs)
-  assert 0.2 < float(theirs["group_info"]) < np.log(plain.model.vision.num_output_groups[0])
-  # 0.5 * group_info is > 0.1 while the tolerance is 1e-5 of the loss: a term ignored or added fails.
-  np.testing.assert_allclose(ours["loss"], theirs["loss"] - 0.5 * theirs["group_info"], rtol=1e-5)
+  info = float(theirs["group_info"])
+  assert 0.0 < info < np.log(plain.model.vision.num_output_groups[0])
+  assert weight * info > 100 * 1e-5 * abs(float(theirs["loss"]))  # an ignored or added term fails
+  np.testing.assert_allclose(ours["loss"], theirs["loss"] - weight * theirs["group_info"], rtol=1e-5)
   grads = jax.grad(lambda p: _forward(weighted, p, state.batch_stats, batch, rngs)["group_info"])(params)
   assign = grads["vision_model"]["stages_0"]["downsample"]["assign"]
   assert float(jnp.abs(assign["q_proj"]["kernel"]).sum()) > 0
