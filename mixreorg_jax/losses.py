@@ -55,7 +55,7 @@ def noun_segment_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: 
   with every image whose prompts include the same prompt as a positive (images that share a noun are not
   negatives). -> scalar.
   """
-  b, m, d = noun_emb.shape
+  b, m, _ = noun_emb.shape
   affinity = jnp.einsum("jgd,imd->imjg", segment_emb, noun_emb).max(axis=-1)  # [B, M, B]
   logits = scale * affinity
   flat = noun_tokens.reshape(b * m, -1)

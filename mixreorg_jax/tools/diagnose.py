@@ -24,6 +24,7 @@ best class score is below min(t, the image's best pixel score), the protocol's r
 standing in for its crop's best group. At native-size protocols (one window, every group owning a pixel) that is
 the protocol exactly.
 """
+import dataclasses
 import json
 import os
 from typing import Any, Dict, Iterable, Sequence, Tuple
@@ -205,17 +206,10 @@ def plot_threshold_curve(thresholds: Sequence[float], mious: Sequence[float], ch
 # ----------------------------------------------------------------------------------------------------------------
 # Running the protocol.
 # ----------------------------------------------------------------------------------------------------------------
-def foreground_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The eval config with the background rule turned off (threshold 0), so the scores are the foreground ones."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  out.bg_threshold = 0.0
-  return out
-
-
 def diagnose_examples(examples: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: Sequence[str],
                       config: ml_collections.ConfigDict, thresholds: Sequence[float]) -> Dict[str, Any]:
   """(label [H, W], scores [C, H, W] with a background channel first, groups [H, W]) per image -> summary."""
-  diagnosis = Diagnosis(class_names, thresholds if config.with_background else (), config.bg_threshold)
+  diagnosis = Diagnosis(class_names, thresholds, config.bg_threshold)
   for label, scores, groups in examples:
     diagnosis.add(label, scores[1:], groups)
   return diagnosis.summary()
@@ -238,8 +232,9 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   class_emb = zeroshot.class_embeddings(lambda t: text_fn(variables, t),
                                         zeroshot.checkpoint_tokenizer(model.tokenizer),
                                         zeroshot.foreground_names(class_names, True), config.prompt_templates)
-  segmenter = zeroshot.SlidingWindowSegmenter(model.model, variables, class_emb,
-                                              zeroshot.Protocol.from_config(foreground_protocol(config)),
+  # The background rule off (threshold 0), so that the scores are the foreground ones for every threshold.
+  protocol = dataclasses.replace(zeroshot.Protocol.from_config(config), bg_threshold=0.0)
+  segmenter = zeroshot.SlidingWindowSegmenter(model.model, variables, class_emb, protocol,
                                               image_normalization=model.image_normalization)
   labels = {}
 
