@@ -44,18 +44,25 @@ CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_se
 # ----------------------------------------------------------------------------------------------------------------
 # Configs.
 # ----------------------------------------------------------------------------------------------------------------
-def load_eval_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads an eval config file as `--config=` does: "configs/eval/voc.py" or "configs/eval/voc.py:full"."""
+def load_config_file(spec: str, what: str = "config") -> ml_collections.ConfigDict:
+  """Loads a config file as `--config=` does: "configs/x.py" or "configs/x.py:arg" -> its get_config(), locked.
+
+  what: how the error names the file when it does not exist.
+  """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"eval config {path!r} does not exist (config.eval.config); expected a file in "
-                            "configs/eval/.")
-  module_spec = importlib.util.spec_from_file_location("eval_config", path)
+    raise FileNotFoundError(f"{what} {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   return config
+
+
+def load_eval_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads an eval config file as `--config=` does: "configs/eval/voc.py" or "configs/eval/voc.py:full"."""
+  return load_config_file(spec, "eval config (config.eval.config; expected a file in configs/eval/)")
 
 
 def protocol_text(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> str:
@@ -82,8 +89,8 @@ def _host_local(tree):
 def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collections.ConfigDict,
                  random_groups_seed: Optional[int] = None, progress: bool = True,
                  visualization_dir: str = "", num_visualizations: int = 0,
-                 dataset: Optional[seg_datasets.SegDataset] = None, image_normalization: str = "clip"
-                 ) -> Dict[str, Any]:
+                 dataset: Optional[seg_datasets.SegDataset] = None, image_normalization: str = "clip",
+                 bg_thresholds: Sequence[float] = ()) -> Dict[str, Any]:
   """Segments every image of config's dataset; -> seg_metrics.summarize(...) plus num_images, images_per_sec and
   groups_per_image (distinct groups of the argmax group map, averaged over images).
 
@@ -97,6 +104,8 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
       images; save_predictions (config) writes palette PNG label maps named like the ground truth.
     dataset: the dataset of config, if already opened.
     image_normalization: the pixel statistics the model expects ("clip" or "imagenet").
+    bg_thresholds: with a background class, also the mIoU of each of these background thresholds from the same
+      pass (`seg_metrics.ThresholdSweep`): "mIoU_by_bg_threshold" [len] and "best_bg_threshold" (the best one).
   With several processes, each segments every process_count-th image and the confusion matrices are summed.
   """
   dataset = dataset or seg_datasets.from_config(config)
@@ -120,6 +129,9 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
         yield name, image
 
   confusion = np.zeros((len(class_names), len(class_names)), np.int64)
+  if bg_thresholds and not config.with_background:
+    raise ValueError("run_protocol: bg_thresholds needs a dataset with a background class (with_background).")
+  sweep = seg_metrics.ThresholdSweep(class_names, bg_thresholds) if bg_thresholds else None
   num_images, num_groups, start = 0, 0, time.time()
   bar = tqdm.tqdm(total=len(dataset), unit="img", desc=dataset.name, disable=not progress or rank > 0)
   for name, scores, groups in segmenter(inputs()):
@@ -129,6 +141,8 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
                        "config.with_background against config.class_names.")
     pred = scores.argmax(axis=0).astype(np.uint8)
     confusion += seg_metrics.confusion_matrix(label, pred, len(class_names))
+    if sweep:
+      sweep.add(label, scores[1:])  # the foreground scores do not depend on the threshold.
     if config.save_predictions:
       _save_label(config.save_predictions, name + dataset.label_suffix, pred)
     if visualization_dir and num_images < num_visualizations:
@@ -144,7 +158,12 @@ def run_protocol(model, variables: Dict[str, Any], tokenizer, config: ml_collect
     confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
     totals = np.asarray(multihost_utils.process_allgather(np.array([num_images, num_groups], np.int64)))
     num_images, num_groups = (int(v) for v in totals.sum(axis=0))
+    if sweep:
+      sweep.confusions = np.asarray(multihost_utils.process_allgather(sweep.confusions)).sum(axis=0)
   summary = seg_metrics.summarize(confusion, class_names)
+  if sweep:
+    summary["mIoU_by_bg_threshold"] = sweep.curve()
+    summary["best_bg_threshold"] = sweep.best()["threshold"]
   summary["num_images"] = num_images
   # Distinct groups in the argmax group map per image (with sliding windows, of the last window over each pixel):
   # ~1 means the grouping collapsed onto one segment.
@@ -269,13 +288,29 @@ def _uses_synthetic_sets(config: ml_collections.ConfigDict, eval_config: ml_coll
           and os.path.isdir(os.path.join(config.input.synthetic_dir, "voc_val")))
 
 
+def _tuned_threshold_results(model, variables: Dict[str, Any], tokenizer, eval_config: ml_collections.ConfigDict,
+                             threshold: float, normalization: str) -> Dict[str, float]:
+  """The held-out protocol again with the background threshold chosen on the tuning split.
+
+  -> {"eval/tuned_bg_threshold", "eval/tuned_bg_mIoU", "eval/tuned_bg_per_class/<class>"}.
+  """
+  tuned = eval_config.copy_and_resolve_references()
+  tuned.bg_threshold = float(threshold)
+  summary = run_protocol(model, variables, tokenizer, tuned, progress=False, image_normalization=normalization)
+  results = {"eval/tuned_bg_threshold": float(threshold), "eval/tuned_bg_mIoU": summary["mIoU"]}
+  results.update({f"eval/tuned_bg_per_class/{name}": iou for name, iou in summary["per_class_iou"].items()})
+  return results
+
+
 def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdir: str, step: int,
                          final: bool = False) -> Dict[str, float]:
   """Evaluates a TrainState (.params, .batch_stats) with config.eval; -> {"eval/mIoU", "eval/pixel_acc", ...}.
 
   Writes workdir/eval/<dataset>/metrics.json and TensorBoard scalars. With final: also example pictures into
   workdir/examples/, the chance baseline ("eval/chance_mIoU"), the untrained baseline ("eval/untrained_mIoU"),
-  image-level recognition ("eval/image_top1" and its chance) and workdir/training_curves.png.
+  image-level recognition ("eval/image_top1" and its chance) and workdir/training_curves.png. On the built-in
+  synthetic sets, the final evaluation also reports the tuning split ("eval/tuning_mIoU") and the held-out set at
+  the background threshold that is best on the tuning split (`_tuned_threshold_results`).
   """
   eval_config = eval_config_for_training(config, final)
   tokenizer = tokenizers.make_tokenizer(config.input)
@@ -291,10 +326,15 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
   results.update({f"eval/per_class/{name}": iou for name, iou in summary["per_class_iou"].items()})
   extra = {}
   if final and _uses_synthetic_sets(config, eval_config):
-    # The tuning split too, so that choices over finished runs are made on it, never on the held-out set.
+    # The tuning split too, so that choices over finished runs are made on it, never on the held-out set, and
+    # the background threshold of this model chosen on it, then applied to the held-out set.
     tuning = run_protocol(model, variables, tokenizer, eval_config_for_training(config, final=False),
-                          progress=False, image_normalization=normalization)
+                          progress=False, image_normalization=normalization,
+                          bg_thresholds=seg_metrics.DEFAULT_BG_THRESHOLDS)
     results["eval/tuning_mIoU"] = extra["tuning_mIoU"] = tuning["mIoU"]
+    results.update(_tuned_threshold_results(model, variables, tokenizer, eval_config, tuning["best_bg_threshold"],
+                                            normalization))
+    extra.update({k[len("eval/"):]: v for k, v in results.items() if k.startswith("eval/tuned_bg")})
   if final:
     results["eval/chance_mIoU"] = extra["chance_mIoU"] = chance_miou(model, variables, tokenizer, eval_config,
                                                                      config.get("seed", 0), normalization)

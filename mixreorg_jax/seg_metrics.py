@@ -9,14 +9,18 @@ far from overflowing; a whole dataset may not be).
 `summarize` follows the mmseg convention that GroupViT's numbers come from: IoU_c = TP / (TP + FP + FN); a class
 absent from both the ground truth and the prediction has IoU nan and is left out of the mean, while a class that
 is only predicted counts with IoU 0.
+
+`ThresholdSweep` accumulates the confusion matrices of the zero-shot background rule at several thresholds in one
+pass over the foreground class scores, so that a threshold can be chosen on a tuning split.
 """
 import math
-from typing import Sequence
+from typing import Dict, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 IGNORE_INDEX = 255
+DEFAULT_BG_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 
 
 def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int,
@@ -89,6 +93,45 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
       mean_acc=_nanmean(acc),
       per_class_acc={name: float(v) for name, v in zip(class_names, acc)},
   )
+
+
+def label_with_threshold(foreground_scores: np.ndarray, threshold: float) -> np.ndarray:
+  """Foreground class scores [C-1, H, W] -> labels int [H, W] (0 = background, c = foreground class c - 1).
+
+  Background where the best score is below min(threshold, the image's best score): the zero-shot protocol's rule
+  (`zeroshot.pixel_logits`) with the image's best pixel standing in for its best group.
+  """
+  best = foreground_scores.max(axis=0)
+  background = best < min(threshold, float(best.max()))
+  return np.where(background, 0, foreground_scores.argmax(axis=0) + 1)
+
+
+class ThresholdSweep:
+  """mIoU of the background rule at each of `thresholds`, accumulated over images (label 0 = background)."""
+
+  def __init__(self, class_names: Sequence[str], thresholds: Sequence[float]):
+    self.class_names = tuple(class_names)
+    self.thresholds = tuple(float(t) for t in thresholds)
+    c = len(self.class_names)
+    self.confusions = np.zeros((len(self.thresholds), c, c), np.int64)
+
+  def add(self, label: np.ndarray, foreground_scores: np.ndarray) -> None:
+    """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel)."""
+    for i, t in enumerate(self.thresholds):
+      self.confusions[i] += confusion_matrix(label, label_with_threshold(foreground_scores, t),
+                                             len(self.class_names))
+
+  def curve(self) -> list:
+    """mIoU (percent) per threshold, in the order of `thresholds`."""
+    return [summarize(m, self.class_names)["mIoU"] for m in self.confusions]
+
+  def best(self) -> Dict[str, float]:
+    """{"threshold", "mIoU"} of the best threshold (the lowest of ties); nan entries never win."""
+    curve = self.curve()
+    if not curve or all(math.isnan(v) for v in curve):
+      return {"threshold": math.nan, "mIoU": math.nan}
+    i = int(np.nanargmax(curve))
+    return {"threshold": self.thresholds[i], "mIoU": curve[i]}
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -14,8 +14,10 @@ import pytest
 
 from mixreorg_jax import checkpoint_io
 from mixreorg_jax import evaluate
+from mixreorg_jax import seg_metrics
 from mixreorg_jax import train_step
 from mixreorg_jax.data import synthetic
+from mixreorg_jax.data import tokenizers
 from mixreorg_jax.models import groupvit
 from tests.helpers import tiny_config
 
@@ -74,6 +76,7 @@ def test_evaluate_cli_writes_metrics_predictions_and_pictures(tmp_path):
 
 def test_evaluate_train_state_returns_finite_metrics_and_baselines(tmp_path):
   synthetic.write_voc_split(str(tmp_path / "synth" / "voc"), 3, 64, 0, "voc")
+  synthetic.write_voc_split(str(tmp_path / "synth" / "voc_val"), 3, 64, 0, "voc_val")
   config = tiny_train_config(tmp_path / "synth")
   config.eval.max_images = 2
   model = groupvit.GroupViT.from_config(config.model)
@@ -87,11 +90,18 @@ def test_evaluate_train_state_returns_finite_metrics_and_baselines(tmp_path):
       f.write(json.dumps({"step": step, "train/loss": 3.0 / step, "train/loss_seg": 0.5, "train/seg_acc": 0.6}) + "\n")
   results = evaluate.evaluate_train_state(config, model, state, str(workdir), step=20, final=True)
   assert {"eval/mIoU", "eval/pixel_acc", "eval/chance_mIoU", "eval/untrained_mIoU"} <= set(results)
-  assert all(np.isfinite(v) for k, v in results.items() if not k.startswith("eval/per_class/"))
+  assert all(np.isfinite(v) for k, v in results.items() if "per_class/" not in k)
   # Per-class IoU of every class; nan for a class absent from both the 2 images and the prediction.
   assert {f"eval/per_class/{name}" for name in synthetic.CLASS_NAMES} <= set(results)
   assert results["eval/untrained_mIoU"] == pytest.approx(results["eval/mIoU"], abs=1e-6)
   assert 1 <= results["eval/groups_per_image"] <= config.model.vision.num_output_groups[-1]
+  # The tuning split's best background threshold, applied to the held-out set.
+  assert results["eval/tuned_bg_threshold"] in seg_metrics.DEFAULT_BG_THRESHOLDS
+  tuned = evaluate.eval_config_for_training(config, final=True)
+  tuned.bg_threshold = results["eval/tuned_bg_threshold"]
+  held_out = evaluate.run_protocol(model, variables, tokenizers.make_tokenizer(config.input), tuned, progress=False)
+  assert results["eval/tuned_bg_mIoU"] == pytest.approx(held_out["mIoU"], abs=1e-9)
+  assert {f"eval/tuned_bg_per_class/{name}" for name in synthetic.CLASS_NAMES} <= set(results)
   with open(workdir / "eval" / "voc_layout" / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["num_images"] == 2 and metrics["step"] == 20

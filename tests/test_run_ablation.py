@@ -9,17 +9,17 @@ def test_table_reports_mean_std_per_variant_and_baselines():
       "groupvit": [{"eval/mIoU": 10.0, "eval/chance_mIoU": 8.0, "eval/untrained_mIoU": 5.0, "eval/image_top1": 70.0,
                     "eval/image_top1_chance": 20.0, "eval/groups_per_image": 3.0, "eval/tuning_mIoU": 11.0},
                    {"eval/mIoU": 14.0, "eval/chance_mIoU": 10.0, "eval/image_top1": 80.0,
-                    "eval/groups_per_image": 5.0, "eval/tuning_mIoU": 13.0}],
+                    "eval/groups_per_image": 5.0, "eval/tuning_mIoU": 13.0, "eval/tuned_bg_mIoU": 16.0}],
       "mixreorg": [{"eval/mIoU": 20.0, "eval/chance_mIoU": 9.0, "eval/untrained_mIoU": 7.0},
                    {"eval/mIoU": 30.0, "eval/chance_mIoU": 9.0, "eval/untrained_mIoU": 6.0}],
   }
   rows = run_ablation.table(results).strip().split("\n")
   assert rows[2] == ("| GroupViT baseline (`model.mixreorg=False`) | 12.0 ± 2.0 | 10.0, 14.0 | 12.0 ± 1.0 | "
-                     "75.0 ± 5.0 | 4.0 ± 1.0 |")
-  assert rows[3] == "| MixReorg | 25.0 ± 5.0 | 20.0, 30.0 | n/a | n/a | n/a |"
-  assert rows[4] == ("| chance (random group assignment / random class) | 9.0 ± 0.7 | over 4 runs | | 20.0 ± 0.0 "
-                     "| |")
-  assert rows[5] == "| untrained model (the runs' initial parameters) | 6.0 ± 0.8 | over 3 runs | |  | |"
+                     "16.0 ± 0.0 | 16.0 | 75.0 ± 5.0 | 4.0 ± 1.0 |")
+  assert rows[3] == "| MixReorg | 25.0 ± 5.0 | 20.0, 30.0 | n/a | n/a |  | n/a | n/a |"
+  assert rows[4] == ("| chance (random group assignment / random class) | 9.0 ± 0.7 | over 4 runs | | | | "
+                     "20.0 ± 0.0 | |")
+  assert rows[5] == "| untrained model (the runs' initial parameters) | 6.0 ± 0.8 | over 3 runs | | | |  | |"
   assert len(rows) == 6
 
 
@@ -27,24 +27,44 @@ def test_finished_runs_are_kept_in_the_results_file_and_not_run_again(tmp_path, 
   results = str(tmp_path / "runs.jsonl")
   trained = []
 
-  def fake_train(variant, seed, run_dir, extra):
-    trained.append((variant, seed))
-    return {"eval/mIoU": 40.0 + int(seed)}
+  def fake_train(variant, seed, run_dir, extra, reevaluate=False):
+    trained.append((variant, seed, reevaluate))
+    return {"eval/mIoU": 40.0 + int(seed) + 0.5 * reevaluate}
 
   monkeypatch.setattr(run_ablation, "train_run", fake_train)
   extra = ["--config.total_steps=10", "--config.a=1"]
   known = run_ablation.read_results(results)
   assert known == {}
-  assert run_ablation.run("mixreorg", "1", str(tmp_path / "r"), extra, results, known) == {"eval/mIoU": 41.0}
+  run_dir = tmp_path / "r"
+  assert run_ablation.run("mixreorg", "1", str(run_dir), extra, results, known, "abc") == {"eval/mIoU": 41.0}
   # A new reader (another machine) finds it, whatever the order of the overrides, and trains nothing.
   again = run_ablation.read_results(results)
-  assert run_ablation.run("mixreorg", "1", "unused", list(reversed(extra)), results, again) == {"eval/mIoU": 41.0}
-  assert trained == [("mixreorg", "1")]
-  # Another seed or other overrides are other runs.
-  run_ablation.run("mixreorg", "2", str(tmp_path / "r2"), extra, results, again)
-  run_ablation.run("mixreorg", "1", str(tmp_path / "r3"), extra[:1], results, again)
-  assert trained == [("mixreorg", "1"), ("mixreorg", "2"), ("mixreorg", "1")]
+  assert run_ablation.run("mixreorg", "1", "unused", list(reversed(extra)), results, again, "abc") == {
+      "eval/mIoU": 41.0}
+  assert trained == [("mixreorg", "1", False)]
+  # Another seed, other overrides or another demo config are other runs.
+  run_ablation.run("mixreorg", "2", str(tmp_path / "r2"), extra, results, again, "abc")
+  run_ablation.run("mixreorg", "1", str(tmp_path / "r3"), extra[:1], results, again, "abc")
+  run_ablation.run("mixreorg", "1", str(tmp_path / "r4"), extra, results, again, "def")
+  assert [t[1] for t in trained] == ["1", "2", "1", "1"]
   with open(results) as f:
     records = [json.loads(line) for line in f]
-  assert [r["seed"] for r in records] == ["1", "2", "1"] and records[0]["overrides"] == sorted(extra)
+  assert [r["seed"] for r in records] == ["1", "2", "1", "1"] and records[0]["overrides"] == sorted(extra)
+  assert [r["config"] for r in records] == ["abc", "abc", "abc", "def"]
   assert {"commit", "seconds", "metrics", "variant"} <= set(records[0])
+
+  # Re-evaluation runs only where the workdir has checkpoints, and its record replaces the earlier one.
+  assert run_ablation.run("mixreorg", "2", str(tmp_path / "r2"), extra, results, again, "abc", True) == {
+      "eval/mIoU": 42.0}
+  (run_dir / "checkpoints").mkdir(parents=True)
+  assert run_ablation.run("mixreorg", "1", str(run_dir), extra, results, again, "abc", True) == {"eval/mIoU": 41.5}
+  assert trained[-1] == ("mixreorg", "1", True) and len(trained) == 5
+  final = run_ablation.read_results(results)
+  assert final[run_ablation.run_key("mixreorg", "1", extra, "abc")]["metrics"] == {"eval/mIoU": 41.5}
+  assert final[run_ablation.run_key("mixreorg", "1", extra, "abc")]["seconds"] == records[0]["seconds"]
+
+
+def test_config_fingerprint_follows_the_demo_config():
+  assert run_ablation.config_fingerprint("mixreorg") == run_ablation.config_fingerprint("mixreorg")
+  assert run_ablation.config_fingerprint("mixreorg") != run_ablation.config_fingerprint("groupvit")
+  assert len(run_ablation.config_fingerprint("k4")) == 12

@@ -70,3 +70,27 @@ def test_json_safe_turns_nan_into_none_and_table_lists_classes():
 def test_summarize_rejects_mismatched_class_names():
   with pytest.raises(ValueError, match="config.class_names"):
     seg_metrics.summarize(np.eye(3), ["a", "b"])
+
+
+def test_threshold_sweep_applies_the_background_rule_at_each_threshold():
+  rng = np.random.default_rng(0)
+  names = ("background", "a", "b")
+  label = rng.integers(0, 3, (6, 5))
+  scores = rng.random((2, 6, 5))  # foreground scores of a and b
+  sweep = seg_metrics.ThresholdSweep(names, (0.0, 2.0))
+  sweep.add(label, scores)
+  # Threshold 0: never background, the argmax class. Threshold 2 (above every score): background except the
+  # image's best pixel, which keeps its class.
+  no_background = scores.argmax(axis=0) + 1
+  only_best = np.zeros_like(label)
+  best = np.unravel_index(scores.max(axis=0).argmax(), label.shape)
+  only_best[best] = no_background[best]
+  expected = [seg_metrics.summarize(seg_metrics.confusion_matrix(label, p, 3), names)["mIoU"]
+              for p in (no_background, only_best)]
+  assert sweep.curve() == pytest.approx(expected)
+  assert sweep.best() == {"threshold": float(np.argmax(expected) * 2.0), "mIoU": pytest.approx(max(expected))}
+
+
+def test_threshold_sweep_best_is_nan_without_images():
+  best = seg_metrics.ThresholdSweep(("background", "a"), (0.5,)).best()
+  assert np.isnan(best["threshold"]) and np.isnan(best["mIoU"])

@@ -37,23 +37,13 @@ import numpy as np
 
 from mixreorg_jax import seg_metrics
 
-DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
+DEFAULT_THRESHOLDS = seg_metrics.DEFAULT_BG_THRESHOLDS
 OBJECT_GROUP_PURITY = 0.5  # an object group has more than this share of its labelled pixels in one class.
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-image statistics (pure numpy).
 # ----------------------------------------------------------------------------------------------------------------
-def label_with_threshold(foreground_scores: np.ndarray, threshold: float) -> np.ndarray:
-  """Foreground class scores [C-1, H, W] -> labels int [H, W] (0 = background, c = foreground class c - 1).
-
-  Background where the best score is below min(threshold, the image's best score), the protocol's rule.
-  """
-  best = foreground_scores.max(axis=0)
-  background = best < min(threshold, float(best.max()))
-  return np.where(background, 0, foreground_scores.argmax(axis=0) + 1)
-
-
 def oracle_labels(label: np.ndarray, groups: np.ndarray, num_classes: int,
                   ignore_index: int = seg_metrics.IGNORE_INDEX) -> np.ndarray:
   """Every group takes its majority ground-truth label. label, groups: int [H, W] -> int [H, W].
@@ -103,18 +93,16 @@ class Diagnosis:
     c = len(class_names)
     self.confusion = np.zeros((c, c), np.int64)  # at the protocol's threshold
     self.oracle_confusion = np.zeros((c, c), np.int64)
-    self.threshold_confusions = np.zeros((len(self.thresholds), c, c), np.int64)
+    self.sweep = seg_metrics.ThresholdSweep(class_names, thresholds)
     self.object_groups = self.named_right = self.num_images = 0
 
   def add(self, label: np.ndarray, foreground_scores: np.ndarray, groups: np.ndarray) -> None:
     """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel); groups int [H, W]."""
     c = len(self.class_names)
-    pred = label_with_threshold(foreground_scores, self.protocol_threshold)
+    pred = seg_metrics.label_with_threshold(foreground_scores, self.protocol_threshold)
     self.confusion += seg_metrics.confusion_matrix(label, pred, c)
     self.oracle_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, groups, c), c)
-    for i, t in enumerate(self.thresholds):
-      self.threshold_confusions[i] += seg_metrics.confusion_matrix(label, label_with_threshold(foreground_scores, t),
-                                                                   c)
+    self.sweep.add(label, foreground_scores)
     total, right = object_groups_named(label, pred, groups, c)
     self.object_groups += total
     self.named_right += right
@@ -122,8 +110,7 @@ class Diagnosis:
 
   def summary(self) -> Dict[str, Any]:
     miou = lambda confusion: seg_metrics.summarize(confusion, self.class_names)["mIoU"]  # noqa: E731
-    curve = [miou(m) for m in self.threshold_confusions]
-    best = int(np.nanargmax(curve)) if curve else 0
+    curve, best = self.sweep.curve(), self.sweep.best()
     background = self.confusion[0]
     protocol = seg_metrics.summarize(self.confusion, self.class_names)
     return {
@@ -137,8 +124,8 @@ class Diagnosis:
         "bg_threshold": self.protocol_threshold,
         "thresholds": list(self.thresholds),
         "mIoU_by_threshold": curve,
-        "best_threshold": self.thresholds[best] if curve else None,
-        "best_threshold_mIoU": curve[best] if curve else None,
+        "best_threshold": best["threshold"] if curve else None,
+        "best_threshold_mIoU": best["mIoU"] if curve else None,
         "confusion": self.confusion.tolist(),
     }
 

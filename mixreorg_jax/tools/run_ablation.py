@@ -5,11 +5,14 @@ r"""Runs the demo ablation (same data, steps and seeds) and writes a markdown ta
 
 Each (variant, seed) trains `configs/demo.py:<variant>` in its own process and evaluates zero-shot on the tuning
 and the held-out synthetic sets. Every finished run is appended to the results file (one JSON line: variant,
-seed, the extra overrides, the final eval/* metrics, the commit and the time it took). That file is tracked in
-git, so the table can be rebuilt and an interrupted sweep resumed on another machine: a run already in it is
-not run again, and a run killed half-way resumes from its last checkpoint in the workdir. Extra `--config.*`
-arguments are passed to every run (e.g. `--config.total_steps=450` for a quicker sweep) and are part of what
-identifies it. `--table_only` rebuilds the table from the results file without training.
+seed, the extra overrides, the fingerprint of the variant's demo config, the final eval/* metrics, the commit and
+the time it took). That file is tracked in git, so the table can be rebuilt and an interrupted sweep resumed on
+another machine: a run already in it is not run again, and a run killed half-way resumes from its last
+checkpoint in the workdir. Extra `--config.*` arguments are passed to every run (e.g. `--config.total_steps=450`
+for a quicker sweep) and are part of what identifies it, as is the config fingerprint: after an edit of
+configs/demo.py the earlier runs no longer count. `--table_only` rebuilds the table from the results file
+without training; `--reevaluate` runs the final evaluation of finished runs again from their workdirs (after a
+change of the evaluation, not of training) and appends their new metrics.
 
 The table reports mean ± standard deviation over seeds (population std) of the held-out mIoU, the tuning-split
 mIoU, image-level top-1 and groups per image, and two baselines computed with the same protocol: chance (random
@@ -20,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import hashlib
 from typing import Dict, List, Sequence
 
 from absl import app
@@ -48,6 +52,8 @@ def define_flags() -> None:
   flags.DEFINE_string("results", DEFAULT_RESULTS, "JSON-lines file of finished runs (read, then appended to).")
   flags.DEFINE_string("output", "", "Markdown table path (default <workdir>/ablation.md).")
   flags.DEFINE_bool("table_only", False, "Only rebuild the table from --results; train nothing.")
+  flags.DEFINE_bool("reevaluate", False, "Evaluate finished runs again from their workdirs (no training) and "
+                    "append their new metrics to --results.")
 
 
 def final_metrics(run_dir: str) -> Dict[str, float]:
@@ -63,9 +69,17 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
   return found
 
 
-def run_key(variant: str, seed: str, extra: Sequence[str]) -> str:
-  """What identifies a run in the results file: variant, seed and the sorted extra overrides."""
-  return json.dumps([variant, str(seed), sorted(extra)])
+def config_fingerprint(variant: str) -> str:
+  """12 hex digits of the SHA-1 of `configs/demo.py:<variant>` as JSON: changes whenever the demo config does."""
+  from mixreorg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = evaluate.load_config_file(f"configs/demo.py:{variant}", "demo config")
+  return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_key(variant: str, seed: str, extra: Sequence[str], fingerprint: str) -> str:
+  """What identifies a run in the results file: variant, seed, the sorted extra overrides and the fingerprint of
+  the variant's demo config."""
+  return json.dumps([variant, str(seed), sorted(extra), fingerprint])
 
 
 def read_results(path: str) -> Dict[str, Dict]:
@@ -76,7 +90,8 @@ def read_results(path: str) -> Dict[str, Dict]:
       for line in f:
         if line.strip():
           record = json.loads(line)
-          records[run_key(record["variant"], record["seed"], record["overrides"])] = record
+          key = run_key(record["variant"], record["seed"], record["overrides"], record.get("config", ""))
+          records[key] = record  # a later line (a re-evaluation) replaces an earlier one.
   return records
 
 
@@ -88,11 +103,20 @@ def _commit() -> str:
     return ""
 
 
-def train_run(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> Dict[str, float]:
-  """Trains and evaluates one run in run_dir (resuming it if it was interrupted). -> its final eval metrics."""
-  if not final_metrics(run_dir):
-    cmd = [sys.executable, "-m", "mixreorg_jax.train", f"--config=configs/demo.py:{variant}",
-           f"--workdir={run_dir}", f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
+def train_command(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> List[str]:
+  return [sys.executable, "-m", "mixreorg_jax.train", f"--config=configs/demo.py:{variant}", f"--workdir={run_dir}",
+          f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
+
+
+def train_run(variant: str, seed: str, run_dir: str, extra: Sequence[str], reevaluate: bool = False
+              ) -> Dict[str, float]:
+  """Trains and evaluates one run in run_dir (resuming it if it was interrupted). -> its final eval metrics.
+
+  A finished run is left alone unless reevaluate: then the trainer, finding the last step checkpointed, only
+  runs the final evaluation again.
+  """
+  if reevaluate or not final_metrics(run_dir):
+    cmd = train_command(variant, seed, run_dir, extra)
     print(" ".join(cmd), flush=True)
     os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
     with open(os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.log"), "a") as log:
@@ -100,21 +124,30 @@ def train_run(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> Di
   return final_metrics(run_dir)
 
 
-def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_path: str,
-        known: Dict[str, Dict]) -> Dict[str, float]:
-  """The metrics of (variant, seed, extra): from the results file, or trained now and appended to it."""
-  key = run_key(variant, seed, extra)
-  if key in known:
-    return known[key]["metrics"]
-  start = time.time()
-  metrics = train_run(variant, seed, run_dir, extra)
-  record = {"variant": variant, "seed": str(seed), "overrides": sorted(extra), "metrics": metrics,
-            "commit": _commit(), "seconds": round(time.time() - start, 1)}
+def append_record(results_path: str, record: Dict) -> None:
   os.makedirs(os.path.dirname(results_path) or ".", exist_ok=True)
   with open(results_path, "a") as f:
     f.write(json.dumps(record) + "\n")
+
+
+def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_path: str,
+        known: Dict[str, Dict], fingerprint: str, reevaluate: bool = False) -> Dict[str, float]:
+  """The metrics of (variant, seed, extra) at the demo config `fingerprint`: from the results file, or trained
+  now and appended to it. With reevaluate, a known run whose workdir is here is evaluated again."""
+  key = run_key(variant, seed, extra, fingerprint)
+  if key in known:
+    if not (reevaluate and os.path.isdir(os.path.join(run_dir, "checkpoints"))):
+      return known[key]["metrics"]
+    record = dict(known[key], metrics=train_run(variant, seed, run_dir, extra, reevaluate=True),
+                  evaluated_commit=_commit())
+  else:
+    start = time.time()
+    metrics = train_run(variant, seed, run_dir, extra)
+    record = {"variant": variant, "seed": str(seed), "overrides": sorted(extra), "config": fingerprint,
+              "metrics": metrics, "commit": _commit(), "seconds": round(time.time() - start, 1)}
+  append_record(results_path, record)
   known[key] = record
-  return metrics
+  return record["metrics"]
 
 
 def _mean_std(values) -> str:
@@ -133,15 +166,18 @@ def _mean_std_of(runs: List[Dict[str, float]], key: str) -> str:
 
 
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
-  """Markdown: per variant, held-out mIoU (mean ± std and per seed), tuning-split mIoU, image-level zero-shot
-  top-1 and groups per image (mean ± std over seeds), then the chance and untrained-model baselines over all runs."""
-  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | tuning mIoU | image-level top-1 % | "
-           "groups per image |",
-           "|---|---|---|---|---|---|"]
+  """Markdown: per variant, held-out mIoU (mean ± std and per seed), tuning-split mIoU, held-out mIoU at the
+  background threshold chosen on the tuning split (mean ± std and per seed), image-level zero-shot top-1 and
+  groups per image (mean ± std over seeds), then the chance and untrained-model baselines over all runs."""
+  lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | tuning mIoU | held-out mIoU, threshold "
+           "tuned | tuned, per seed | image-level top-1 % | groups per image |",
+           "|---|---|---|---|---|---|---|---|"]
+  per_seed = lambda values: ", ".join(f"{m:.1f}" for m in values)  # noqa: E731
   for variant, runs in results.items():
     mious = [r["eval/mIoU"] for r in runs]
-    lines.append(f"| {DESCRIPTIONS.get(variant, variant)} | {_mean_std(mious)} | "
-                 f"{', '.join(f'{m:.1f}' for m in mious)} | {_mean_std_of(runs, 'eval/tuning_mIoU')} | "
+    tuned = _logged(runs, "eval/tuned_bg_mIoU")
+    lines.append(f"| {DESCRIPTIONS.get(variant, variant)} | {_mean_std(mious)} | {per_seed(mious)} | "
+                 f"{_mean_std_of(runs, 'eval/tuning_mIoU')} | {_mean_std(tuned)} | {per_seed(tuned)} | "
                  f"{_mean_std_of(runs, 'eval/image_top1')} | {_mean_std_of(runs, 'eval/groups_per_image')} |")
   all_runs = [r for runs in results.values() for r in runs]
   baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
@@ -150,24 +186,26 @@ def table(results: Dict[str, List[Dict[str, float]]]) -> str:
     values = _logged(all_runs, miou_key)
     if values:
       top1 = _mean_std_of(all_runs, top1_key) if top1_key else ""
-      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | | {top1} | |")
+      lines.append(f"| {description} | {_mean_std(values)} | over {len(values)} runs | | | | {top1} | |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   extra = [a for a in argv[1:] if a.startswith("--config.")]
   known = read_results(FLAGS.results)
+  fingerprints = {v: config_fingerprint(v) for v in FLAGS.variants}
   results = {v: [] for v in FLAGS.variants}
   # Seed-major order: an interrupted sweep has every variant at the same number of seeds.
   for seed in FLAGS.seeds:
     for variant in FLAGS.variants:
-      key = run_key(variant, seed, extra)
+      key = run_key(variant, seed, extra, fingerprints[variant])
       if FLAGS.table_only:
         if key in known:
           results[variant].append(known[key]["metrics"])
         continue
       run_dir = os.path.join(FLAGS.workdir, f"{variant}_seed{seed}")
-      results[variant].append(run(variant, seed, run_dir, extra, FLAGS.results, known))
+      results[variant].append(run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant],
+                                  FLAGS.reevaluate))
   text = table({v: runs for v, runs in results.items() if runs})
   output = FLAGS.output or os.path.join(FLAGS.workdir, "ablation.md")
   os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
