@@ -263,6 +263,9 @@ def image_recognition(model, variables: Dict[str, Any], tokenizer, config: ml_co
 # ----------------------------------------------------------------------------------------------------------------
 # From the trainer.
 # ----------------------------------------------------------------------------------------------------------------
+TUNING_SPLIT, HELD_OUT_SPLIT = "voc_val", "voc"  # the synthetic sets of mixreorg_jax/data/synthetic.py
+
+
 def eval_config_for_training(config: ml_collections.ConfigDict, final: bool) -> ml_collections.ConfigDict:
   """The eval config of a train config: config.eval.config with config.eval.{data_root, max_images} applied.
 
@@ -275,17 +278,22 @@ def eval_config_for_training(config: ml_collections.ConfigDict, final: bool) -> 
   if config.eval.data_root:
     eval_config.data.root = config.eval.data_root
   elif not eval_config.data.root and eval_config.data.name == "voc_layout":
-    eval_config.data.root = os.path.join(config.input.synthetic_dir, "voc" if final else "voc_val")
+    eval_config.data.root = _synthetic_split(config, HELD_OUT_SPLIT if final else TUNING_SPLIT)
     eval_config.short_side = eval_config.window = eval_config.stride = 0
   if config.eval.max_images:
     eval_config.data.max_images = config.eval.max_images
   return eval_config
 
 
+def _synthetic_split(config: ml_collections.ConfigDict, split: str) -> str:
+  """The directory of one synthetic segmentation set (TUNING_SPLIT or HELD_OUT_SPLIT) of a train config."""
+  return os.path.join(config.input.synthetic_dir, split)
+
+
 def _uses_synthetic_sets(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict) -> bool:
-  """Whether the trainer's evaluation is on the built-in synthetic sets and the tuning set voc_val is there."""
-  return (not config.eval.data_root and eval_config.data.root == os.path.join(config.input.synthetic_dir, "voc")
-          and os.path.isdir(os.path.join(config.input.synthetic_dir, "voc_val")))
+  """Whether the trainer's evaluation is on the built-in synthetic sets and the tuning set is there."""
+  return (not config.eval.data_root and eval_config.data.root == _synthetic_split(config, HELD_OUT_SPLIT)
+          and os.path.isdir(_synthetic_split(config, TUNING_SPLIT)))
 
 
 def _tuned_threshold_results(model, variables: Dict[str, Any], tokenizer, eval_config: ml_collections.ConfigDict,
