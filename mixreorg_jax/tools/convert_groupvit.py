@@ -1,15 +1,19 @@
-"""Converts a Hugging Face `transformers` GroupViT checkpoint into this project's inference checkpoint.
+"""Converts a GroupViT checkpoint, transformers' or NVlabs', into this project's inference checkpoint.
 
   python -m mixreorg_jax.tools.convert_groupvit --hf_dir=/path/to/groupvit-gcc-yfcc --output=/path/to/out
+  python -m mixreorg_jax.tools.convert_groupvit --nvlabs_pth=group_vit_gcc_yfcc_30e.pth --output=/path/to/out \
+      [--vision_num_heads=6] [--nohard_assignment]
 
 `--hf_dir` holds `config.json` plus `model.safetensors` (read with `safetensors.numpy`, no torch needed) or
-`pytorch_model.bin` (needs torch). The output is written by `checkpoint_io.save_inference_checkpoint` and loads
-with `mixreorg_jax.inference.load(output)`.
+`pytorch_model.bin` (needs torch). `--nvlabs_pth` is an official NVlabs/GroupViT checkpoint (needs torch); its
+architecture is read from the tensor shapes (tools/nvlabs.py), and what they cannot tell from the file's `config`
+entry, else from --vision_num_heads and --hard_assignment, whose defaults are the released models'. The output
+is written by `checkpoint_io.save_inference_checkpoint` and loads with `mixreorg_jax.inference.load(output)`.
 
-Every tensor is mapped by the explicit table of `name_mapping`: one row per parameter of our model, naming the
-Hugging Face tensor(s) it comes from and how they are transformed. To load another GroupViT-style checkpoint,
-read that table and adapt it. A missing tensor, an unexpected tensor or a shape mismatch is an error that names
-the tensor.
+Every tensor is mapped by an explicit table (`name_mapping` here for transformers, `nvlabs.name_mapping`): one
+row per parameter of our model, naming the tensor(s) it comes from and how they are transformed. To load another
+GroupViT-style checkpoint, read those tables and adapt one. A missing tensor, an unexpected tensor or a shape
+mismatch is an error that names the tensor.
 """
 import json
 import os
@@ -21,9 +25,12 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from safetensors import numpy as safetensors_numpy
 
 from configs import common
 from mixreorg_jax import checkpoint_io
+from mixreorg_jax import optional_deps
+from mixreorg_jax.tools import nvlabs
 from mixreorg_jax.tools import state_dicts as sd
 
 Rule, Table = sd.Rule, sd.Table
@@ -157,16 +164,7 @@ def name_mapping(model_config: ml_collections.ConfigDict) -> Table:
       "params/vision_model/embeddings/position_embeddings": Rule(("vision_model.embeddings.position_embeddings",)),
       **sd.layer_norm("params/vision_model/layernorm", "vision_model.layernorm"),
   }
-  for i, depth in enumerate(v.depths):
-    ours, theirs = f"params/vision_model/stages_{i}", f"vision_model.encoder.stages.{i}"
-    for j in range(depth):
-      table.update(_encoder_layer(f"{ours}/layers_{j}", f"{theirs}.layers.{j}"))
-    if v.num_group_tokens[i]:
-      table[f"{ours}/group_token"] = Rule((f"{theirs}.group_token",))
-      table.update(sd.grouping_block(f"{ours}/downsample", f"{theirs}.downsample", cross_out="out_proj"))
-      if i > 0:  # transformers: group_projector = Sequential(LayerNorm, MixerMLP).
-        table.update(sd.layer_norm(f"{ours}/group_projector_norm", f"{theirs}.group_projector.0"))
-        table.update(sd.mlp(f"{ours}/group_projector/mlp", f"{theirs}.group_projector.1"))
+  table.update(sd.vision_stages(v, _encoder_layer, "vision_model.encoder.stages.{i}", "layers", "out_proj"))
   table.update({
       "params/text_model/token_embedding/embedding": Rule(("text_model.embeddings.token_embedding.weight",)),
       "params/text_model/position_embedding/embedding": Rule(("text_model.embeddings.position_embedding.weight",)),
@@ -200,45 +198,78 @@ def read_hf_dir(hf_dir: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   safetensors_path = os.path.join(hf_dir, "model.safetensors")
   bin_path = os.path.join(hf_dir, "pytorch_model.bin")
   if os.path.isfile(safetensors_path):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return hf_config, dict(load_file(safetensors_path))
+    return hf_config, dict(safetensors_numpy.load_file(safetensors_path))
   if os.path.isfile(bin_path):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"{bin_path} needs torch to read; install torch or convert it to model.safetensors.") from e
+    torch = optional_deps.require("torch", f"Reading {bin_path} (or convert it to model.safetensors)")
     state = torch.load(bin_path, map_location="cpu", weights_only=True)
     return hf_config, {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
                        for k, v in state.items()}
   raise FileNotFoundError(f"Neither model.safetensors nor pytorch_model.bin in {hf_dir}.")
 
 
-def convert(hf_dir: str, output: str, tokenizer_path: str = "") -> str:
-  """Converts the transformers GroupViT in `hf_dir` into an inference checkpoint at `output`. -> output dir."""
-  hf_config, state = read_hf_dir(hf_dir)
-  model_config = model_config_from_hf(hf_config)
-  variables = convert_state_dict(state, model_config)
+def _save(variables: Dict[str, Any], model_config: ml_collections.ConfigDict, output: str, tokenizer_path: str,
+          source: str, num_tensors: int) -> str:
+  """Writes a converted GroupViT as an inference checkpoint (CLIP BPE tokenizer, ImageNet pixels) -> output dir."""
   tokenizer = checkpoint_io.tokenizer_info("clip_bpe", tokenizer_path, model_config.text.context_length)
   # GroupViT was trained (timm DeiT transform) and evaluated (mmseg img_norm_cfg) with ImageNet statistics.
   out = checkpoint_io.save_inference_checkpoint(output, variables, model_config, tokenizer,
                                                 image_normalization="imagenet")
   n = sum(x.size for x in jax.tree.leaves(variables["params"]))
-  logging.info("Converted %d tensors (%d parameters) from %s into %s.", len(state), n, hf_dir, out)
+  logging.info("Converted %d tensors (%d parameters) from %s into %s.", num_tensors, n, source, out)
   return out
 
 
+def convert(hf_dir: str, output: str, tokenizer_path: str = "") -> str:
+  """Converts the transformers GroupViT in `hf_dir` into an inference checkpoint at `output`. -> output dir."""
+  hf_config, state = read_hf_dir(hf_dir)
+  model_config = model_config_from_hf(hf_config)
+  return _save(convert_state_dict(state, model_config), model_config, output, tokenizer_path, hf_dir, len(state))
+
+
+def convert_nvlabs(pth: str, output: str, tokenizer_path: str = "",
+                   default: nvlabs.Unknowns = nvlabs.Unknowns()) -> str:
+  """Converts an NVlabs GroupViT .pth into an inference checkpoint at `output`. -> output dir.
+
+  default: what the shapes do not tell, used where the file has no `config` entry.
+  """
+  if not os.path.isfile(pth):
+    raise FileNotFoundError(f"--nvlabs_pth={pth!r} does not exist.")
+  state, saved_config = nvlabs.read_pth(pth)
+  unknowns = nvlabs.unknowns_from_config(saved_config, default)
+  logging.info("%s from %s: %s", "Read from the config entry" if saved_config else "No config entry; using",
+               pth, unknowns)
+  model_config = nvlabs.model_config_from_state(state, unknowns)
+  return _save(nvlabs.convert_state_dict(state, model_config), model_config, output, tokenizer_path, pth,
+               len(state))
+
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_dir", None, "transformers GroupViT directory (config.json + model.safetensors).")
-flags.DEFINE_string("output", None, "Output directory of the inference checkpoint (must not exist yet).")
-flags.DEFINE_string("tokenizer_path", "", "CLIP BPE vocab to record with the checkpoint ('' = the cached one).")
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string("hf_dir", None, "transformers GroupViT directory (config.json + model.safetensors).")
+  flags.DEFINE_string("nvlabs_pth", None, "An official NVlabs/GroupViT checkpoint ({'model': state_dict, ...}).")
+  flags.DEFINE_string("output", None, "Output directory of the inference checkpoint (must not exist yet).")
+  flags.DEFINE_string("tokenizer_path", "", "CLIP BPE vocab to record with the checkpoint ('' = the cached one).")
+  flags.DEFINE_integer("vision_num_heads", nvlabs.RELEASED_VISION_HEADS,
+                       "--nvlabs_pth without a config entry: heads of the image tower (the released models': 6).")
+  flags.DEFINE_bool("hard_assignment", nvlabs.RELEASED_HARD_ASSIGNMENT,
+                    "--nvlabs_pth without a config entry: hard (argmax) grouping assignment, as released.")
 
 
 def main(argv: List[str]) -> None:
-  del argv
-  if not FLAGS.hf_dir or not FLAGS.output:
-    raise app.UsageError("Both --hf_dir and --output are required.")
-  print(convert(FLAGS.hf_dir, FLAGS.output, FLAGS.tokenizer_path))
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if bool(FLAGS.hf_dir) == bool(FLAGS.nvlabs_pth) or not FLAGS.output:
+    raise app.UsageError("Give --output and one of --hf_dir or --nvlabs_pth.")
+  if FLAGS.hf_dir:
+    print(convert(FLAGS.hf_dir, FLAGS.output, FLAGS.tokenizer_path))
+  else:
+    default = nvlabs.Unknowns(FLAGS.vision_num_heads, FLAGS.hard_assignment)
+    print(convert_nvlabs(FLAGS.nvlabs_pth, FLAGS.output, FLAGS.tokenizer_path, default))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -99,6 +99,27 @@ def grouping_block(ours: str, theirs: str, cross_out: str) -> Table:
   }
 
 
+def vision_stages(vision_config: ml_collections.ConfigDict, block: Callable[[str, str], Table], stage: str,
+                  blocks: str, cross_out: str) -> Table:
+  """Our image-tower stages (config.model.vision): Transformer blocks, group tokens, grouping blocks and group
+  projectors. GroupViT's formats share the names below a stage, except the blocks' (`block(ours, theirs)`):
+
+  stage: their stage prefix with {i} ("vision_model.encoder.stages.{i}"); blocks: its block list ("layers").
+  """
+  table: Table = {}
+  for i, depth in enumerate(vision_config.depths):
+    ours, theirs = f"params/vision_model/stages_{i}", stage.format(i=i)
+    for j in range(depth):
+      table.update(block(f"{ours}/layers_{j}", f"{theirs}.{blocks}.{j}"))
+    if vision_config.num_group_tokens[i]:
+      table[f"{ours}/group_token"] = Rule((f"{theirs}.group_token",))
+      table.update(grouping_block(f"{ours}/downsample", f"{theirs}.downsample", cross_out))
+      if i > 0:  # group_projector = Sequential(LayerNorm, MixerMlp).
+        table.update(layer_norm(f"{ours}/group_projector_norm", f"{theirs}.group_projector.0"))
+        table.update(mlp(f"{ours}/group_projector/mlp", f"{theirs}.group_projector.1"))
+  return table
+
+
 def flatten(tree) -> Dict[str, Any]:
   """Nested dict -> {"a/b/c": leaf}."""
   return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
