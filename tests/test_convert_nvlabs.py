@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from mixreorg_jax import inference  # noqa: E402
 from mixreorg_jax.tools import convert_groupvit  # noqa: E402
 from mixreorg_jax.tools import nvlabs  # noqa: E402
+from tests import helpers  # noqa: E402
 from tests import test_convert_parity as parity  # noqa: E402
 
 TOL = 1e-4
@@ -136,7 +137,7 @@ def save_pth(path, state, config=None, monkeypatch=None):
 
 
 def run_tool(**values):
-  parity.run_converter_flags(**values)
+  helpers.run_tool_main(convert_groupvit, **values)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

@@ -2,8 +2,6 @@
 import math
 import re
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from mixreorg_jax import checkpoint_io  # noqa: E402
 from mixreorg_jax import inference  # noqa: E402
 from mixreorg_jax.tools import convert_groupvit  # noqa: E402
+from tests import helpers  # noqa: E402
 
 TOL = 1e-4
 
@@ -79,12 +78,7 @@ def run_converter(hf_dir, output):
 
 def run_converter_flags(**values):
   """The tool's main() with these flags, in-process."""
-  if "nvlabs_pth" not in flags.FLAGS:
-    convert_groupvit.define_flags()
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(**values):
-    convert_groupvit.main([""])
+  helpers.run_tool_main(convert_groupvit, **values)
 
 
 def hf_outputs(model, images, tokens):

@@ -193,7 +193,8 @@ def invert_table(variables: Mapping[str, Any], table: Table) -> Dict[str, np.nda
   check_coverage(table, {k: v.shape for k, v in flat.items()})
   state = {}
   for path, rule in table.items():
-    parts = np.split(np.asarray(flat[path], np.float32), len(rule.sources), axis=-1)
+    value = np.asarray(flat[path], np.float32)
+    parts = np.split(value, len(rule.sources), axis=-1) if len(rule.sources) > 1 else [value]
     for name, part in zip(rule.sources, parts):
-      state[name] = np.ascontiguousarray(INVERSE[rule.transform](part))
+      state[name] = np.array(INVERSE[rule.transform](part), order="C")  # (ascontiguousarray makes 0-d 1-d)
   return state
