@@ -303,6 +303,8 @@ class SlidingWindowSegmenter:
   image_normalization: the pixel statistics the model expects (`normalize_image`).
   """
 
+  _patch = 1  # the model's patch size (set by __init__): no side is resized below it.
+
   def __init__(self, model: groupvit.GroupViT, variables: Dict[str, Any], class_emb: jax.Array,
                protocol: Protocol, random_groups_seed: Optional[int] = None, image_normalization: str = "clip"):
     preprocess.pixel_statistics(image_normalization)  # an unknown name fails here, not on the first image.
