@@ -42,8 +42,6 @@ TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 TRAINING_ONLY = ("params/multi_label_logit_scale",)
 
 
-
-
 def swap_ids(tokens: np.ndarray, swapped: Optional[Tuple[int, int]]) -> np.ndarray:
   """Our token ids [..., L] -> the ids of a text tower exported with --swap_eot_id (unchanged when None)."""
   if swapped is None:
