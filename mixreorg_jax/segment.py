@@ -22,6 +22,7 @@ from PIL import Image
 from mixreorg_jax import inference
 from mixreorg_jax import visualize
 from mixreorg_jax import zeroshot
+from mixreorg_jax.data import seg_datasets
 
 BACKGROUND = "background"
 
@@ -80,7 +81,7 @@ def segment_file(checkpoint: str, image_path: str, class_names: Sequence[str], o
   """The command: segments image_path with the checkpoint and writes the picture; -> (output path, result)."""
   if not os.path.isfile(image_path):
     raise FileNotFoundError(f"--image={image_path!r} does not exist.")
-  image = np.asarray(Image.open(image_path).convert("RGB"))
+  image = seg_datasets.read_image(image_path)
   result = segment_image(inference.load(checkpoint), image, class_names, protocol, templates)
   output = output or os.path.splitext(image_path)[0] + "_segmented.png"
   render(image, result).save(output)

@@ -303,6 +303,8 @@ class SlidingWindowSegmenter:
   image_normalization: the pixel statistics the model expects (`normalize_image`).
   """
 
+  _patch = 1  # the model's patch size (set by __init__): no side is resized below it.
+
   def __init__(self, model: groupvit.GroupViT, variables: Dict[str, Any], class_emb: jax.Array,
                protocol: Protocol, random_groups_seed: Optional[int] = None, image_normalization: str = "clip"):
     preprocess.pixel_statistics(image_normalization)  # an unknown name fails here, not on the first image.
@@ -312,6 +314,7 @@ class SlidingWindowSegmenter:
     self.protocol = protocol
     self.random_groups_seed = random_groups_seed
     self._window_fn = make_window_fn(model, protocol, random_groups=random_groups_seed is not None)
+    self._patch = model.vision_model.patch_size
     self._batches = 0
 
   def _run(self, crops: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
@@ -355,7 +358,9 @@ class SlidingWindowSegmenter:
     for key, image in examples:
       image = np.asarray(image)
       h0, w0 = image.shape[:2]
-      h, w = resized_shape(h0, w0, p.short_side)
+      # A side thinner than one patch after the resize (a 1-pixel-wide photo) is stretched to one patch: the
+      # model sees nothing smaller.
+      h, w = (max(x, self._patch) for x in resized_shape(h0, w0, p.short_side))
       resized = normalize_image(resize_bilinear(image.astype(np.float32), (h, w)), self.image_normalization)
       boxes = window_positions(h, w, p.window, p.stride)
       item = _Pending(key, (h0, w0), None, np.zeros((h, w), np.int32), np.zeros((h, w), np.int32), len(boxes))

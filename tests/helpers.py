@@ -1,4 +1,6 @@
 """Small shared fixtures for the tests: a tiny model config and a synthetic batch."""
+from absl import flags
+from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +49,21 @@ def random_batch(config, seed=0, batch_size=None):
   if config.model.multi_label:
     batch["nouns"] = np.stack([text] * config.input.num_nouns, axis=1)
   return jax.tree.map(jnp.asarray, batch)
+
+
+_TOOL_FLAGS = {"tool": None, "names": set()}  # the command whose flags are defined now, and their names.
+
+
+def run_tool_main(tool, **values):
+  """A command's main() in-process with these flag values. Its flags (tool.define_flags) replace those of the
+  command run before, since commands share names such as --output."""
+  if _TOOL_FLAGS["tool"] is not tool:
+    for name in _TOOL_FLAGS["names"]:
+      delattr(flags.FLAGS, name)
+    before = set(flags.FLAGS)
+    tool.define_flags()
+    _TOOL_FLAGS.update(tool=tool, names=set(flags.FLAGS) - before)
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(**values):
+    tool.main([""])

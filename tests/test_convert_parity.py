@@ -2,8 +2,6 @@
 import math
 import re
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from mixreorg_jax import checkpoint_io  # noqa: E402
 from mixreorg_jax import inference  # noqa: E402
 from mixreorg_jax.tools import convert_groupvit  # noqa: E402
+from tests import helpers  # noqa: E402
 
 TOL = 1e-4
 
@@ -38,8 +37,11 @@ CONFIGS = {
 
 
 def make_hf_model(name, seed=0):
-  """A random transformers GroupViTModel in eval mode, with every parameter and BatchNorm statistic perturbed."""
-  spec = CONFIGS[name]
+  """A random transformers GroupViTModel in eval mode, with every parameter and BatchNorm statistic perturbed.
+
+  name: a key of CONFIGS, or such a spec.
+  """
+  spec = CONFIGS[name] if isinstance(name, str) else name
   config = transformers.GroupViTConfig(
       text_config=dict(bos_token_id=1, pad_token_id=0, **spec["text"]), vision_config=spec["vision"],
       projection_dim=spec["projection_dim"], projection_intermediate_dim=spec["projection_intermediate_dim"])
@@ -57,7 +59,7 @@ def make_hf_model(name, seed=0):
 
 def make_inputs(name, batch=3, seed=0):
   """NHWC float32 images and int32 tokens [bos, ..., eot, 0...] with eot at varying positions."""
-  spec = CONFIGS[name]
+  spec = CONFIGS[name] if isinstance(name, str) else name
   rng = np.random.default_rng(seed)
   size, length = spec["vision"]["image_size"], spec["text"]["max_position_embeddings"]
   eot = spec["text"]["eos_token_id"]
@@ -71,10 +73,12 @@ def make_inputs(name, batch=3, seed=0):
 
 def run_converter(hf_dir, output):
   """The tool's main(), in-process, as `python -m ... --hf_dir=... --output=...` would run it."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(hf_dir=str(hf_dir), output=str(output)):
-    convert_groupvit.main([])
+  run_converter_flags(hf_dir=str(hf_dir), output=str(output))
+
+
+def run_converter_flags(**values):
+  """The tool's main() with these flags, in-process."""
+  helpers.run_tool_main(convert_groupvit, **values)
 
 
 def hf_outputs(model, images, tokens):

@@ -23,7 +23,7 @@ import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 IGNORE_INDEX = 255
 ROOT_KEY = "config.data.root"
@@ -78,9 +78,24 @@ def _layout_error(dataset: str, message: str) -> FileNotFoundError:
 
 
 def read_image(path: str) -> np.ndarray:
-  """An image file as uint8 [H, W, 3] RGB."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
+  """A photo as uint8 [H, W, 3] RGB, as it is meant to be seen.
+
+  The EXIF orientation is applied (as OpenCV's imread, hence mmseg, does); greyscale, palette and CMYK images
+  become RGB; transparent pixels are laid over white; 16-bit and 32-bit greyscale values are scaled to 8 bits.
+  """
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth (PNG 16-bit greyscale opens as I;16).
+        grey = np.asarray(im, np.float64)
+        peak = 1.0 if im.mode == "F" and grey.max(initial=0) <= 1.0 else 65535.0
+        return np.repeat(np.clip(np.round(grey * 255.0 / peak), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+      if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError.
+    raise ValueError(f"{path}: not a readable image ({e}).") from e
 
 
 def read_label(path: str) -> np.ndarray:

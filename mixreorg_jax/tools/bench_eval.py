@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import groupvit_gcc_yfcc
+from mixreorg_jax import optional_deps
 from mixreorg_jax import zeroshot
 from mixreorg_jax.models import groupvit
 
@@ -50,8 +51,8 @@ def bench_ours(size: int, batch_size: int, iters: int, num_classes: int):
 
 def bench_transformers(size: int, batch_size: int, iters: int) -> float:
   """-> images/s of transformers' GroupViT image tower + projection with attentions at size x size."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  torch = optional_deps.require("torch", "The transformers comparison of bench_eval")
+  transformers = optional_deps.require("transformers", "The transformers comparison of bench_eval")
   # Its vision tower cannot interpolate position embeddings; a config at `size` costs the same compute.
   model = transformers.GroupViTModel(transformers.GroupViTConfig(vision_config=dict(image_size=size))).eval()
   pixels = torch.randn(batch_size, 3, size, size)

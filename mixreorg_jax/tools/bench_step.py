@@ -26,6 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mixreorg_jax import optim
+from mixreorg_jax import optional_deps
 from mixreorg_jax import sharding
 from mixreorg_jax import train_step
 from mixreorg_jax.models import groupvit
@@ -83,8 +84,8 @@ def train_step_fn(config: ml_collections.ConfigDict) -> Tuple[Callable[[], objec
 def torch_step_fn(config: ml_collections.ConfigDict) -> Callable[[], None]:
   """The transformers GroupViT train step (forward + backward + AdamW) at the same sizes, CPU torch float32, as a
   no-argument callable, run once (warm-up)."""
-  import torch  # noqa: PLC0415  (optional, benchmark-only)
-  import transformers  # noqa: PLC0415
+  torch = optional_deps.require("torch", "The transformers comparison of bench_step")
+  transformers = optional_deps.require("transformers", "The transformers comparison of bench_step")
   v, t, b = config.model.vision, config.model.text, config.input.batch_size
   hf_config = transformers.GroupViTConfig(
       projection_dim=config.model.projection_dim, projection_intermediate_dim=config.model.projection_hidden_dim,
