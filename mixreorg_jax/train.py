@@ -8,6 +8,7 @@ Multi-host: run the same command on every host (launch/tpu_pod.sh, launch/slurm.
 input position, and SIGTERM/SIGINT save a checkpoint at the current step before exiting.
 """
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -168,6 +169,37 @@ def stop_on_signals(stop: Dict[str, Any]):
       signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def save_fault(spec: str):
+  """Test hook config.debug_save_fault, active inside the block: a fault in orbax's commit of one checkpoint.
+
+  "kill:STEP" SIGKILLs this process, and "enospc:STEP" fails the save with ENOSPC (a full disk), when checkpoint
+  STEP has been written into its temporary directory and is about to be renamed complete: the exact moment a
+  lost host or a full disk does the most harm. "" (the default) changes nothing.
+  """
+  if not spec:
+    yield
+    return
+  kind, _, step = spec.partition(":")
+  if kind not in ("kill", "enospc") or not step.isdigit():
+    raise ValueError(f"config.debug_save_fault={spec!r}: expected '', 'kill:STEP' or 'enospc:STEP'.")
+  cls = ocp.path.atomicity.AtomicRenameTemporaryPath
+  finalize = cls.finalize
+
+  async def faulty_finalize(self):
+    if self.get_final().name == step:
+      if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+    await finalize(self)
+
+  cls.finalize = faulty_finalize
+  try:
+    yield
+  finally:
+    cls.finalize = finalize
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Runs training to config.total_steps (resuming if possible), then the attached evaluation. -> final metrics.
 
@@ -264,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   pending: List[Dict[str, jax.Array]] = []
   window_start = time.time()
   try:
-    with stop_on_signals(stop):
+    with stop_on_signals(stop), save_fault(config.debug_save_fault):
       for step in range(first_step + 1, config.total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
