@@ -8,6 +8,10 @@ metrics.json (mIoU, per_class_iou, pixel_acc, mean_acc, num_images and the proto
 overlay pictures of the first config.num_visualizations images. The trainer calls `evaluate_train_state` with an
 eval config attached to the train config (config.eval).
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import functools
 import importlib.util
 import json
@@ -377,6 +381,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("evaluate"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output_dir)

@@ -6,17 +6,28 @@ Multi-host: run the same command on every host (launch/tpu_pod.sh, launch/slurm.
 `jax.distributed.initialize()` auto-detection, or `--coordinator_address/--num_processes/--process_id`
 (launch/local_cpu.sh does this on 127.0.0.1). The run resumes from the workdir's latest checkpoint, including the
 input position, and SIGTERM/SIGINT save a checkpoint at the current step before exiting.
+
+The console shows the config summary, parameter count, mesh, set-up and compile times, one line per log step,
+evaluation results and warnings; library INFO and native output go to WORKDIR/train.log (train.<process>.log
+with several processes), and --verbose puts them back on the console.
 """
 import contextlib
+import datetime
 import errno
 import json
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-from absl import app
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
+from absl import app  # noqa: E402  (every import below loads after the hold above)
 from absl import flags
 from absl import logging
 from clu import metric_writers
@@ -140,6 +151,21 @@ def prune_input_states(workdir: str, keep_steps: List[int]) -> None:
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def latest_complete_step(ckpt_dir: str) -> Optional[int]:
+  """The newest checkpoint orbax finished (renamed from <step>.orbax-checkpoint-tmp to <step>), read from disk."""
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  return max(steps, default=None)
+
+
+def check_skips(step: int, consecutive: int, max_skipped_steps: int, ckpt_dir: str) -> None:
+  """Raises FloatingPointError if step `step` is the config.max_skipped_steps-th non-finite step in a row."""
+  if consecutive >= max_skipped_steps:
+    raise FloatingPointError(
+        f"Halting at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
+        f"(limit config.max_skipped_steps={max_skipped_steps}); lower config.optim.base_lr or check the data. "
+        f"The latest checkpoint, step {latest_complete_step(ckpt_dir)} in {ckpt_dir}, holds finite parameters.")
+
+
 def global_sum(value: float) -> float:
   """Sum of a host-local number over all processes (a collective: every process must call it)."""
   if jax.process_count() == 1:
@@ -215,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  logging.info("Config:\n%s", config)
+  logging.info("Config: %s", config_summary(config))
+  logging.info("Full config:\n%s", config, extra=console.LOG_FILE_ONLY)
 
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -237,8 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tx, schedule = optim.make_optimizer(config.optim, config.input.batch_size, config.total_steps)
   abstract = train_step.abstract_state(config, model, tx)
   state_shardings = sharding.state_shardings(mesh, abstract)
-  if jax.process_index() == 0:
-    parameter_overview.log_parameter_overview(abstract.params, include_stats=False)
+  logging.info("Parameters: %s", f"{int(parameter_overview.count_parameters(abstract.params)):,}")
+  logging.info("%s", parameter_overview.get_parameter_overview(abstract.params, include_stats=False),
+               extra=console.LOG_FILE_ONLY)
 
   # ------------------------------------------------------------------------------------------- restore
   # Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save cut
@@ -311,17 +339,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                      if k not in ("skipped", "consecutive_skips")}
           summary["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
-          summary["train/images_per_sec"] = len(pending) * config.input.batch_size / (time.time() - window_start)
-          summary["data/skipped"] = global_sum(sum(train_iter.skipped().values()))
+          seconds_per_step = (time.time() - window_start) / len(pending)
+          summary["train/images_per_sec"] = config.input.batch_size / seconds_per_step
+          skipped = train_iter.skipped()
+          summary["data/skipped_files"] = global_sum(skipped.pop("corrupt_file"))
+          summary["data/skipped"] = global_sum(sum(skipped.values()))
           writer.write_scalars(step, summary)
+          logging.info("%s", step_line(step, config.total_steps, summary, seconds_per_step))
+          for i, m in enumerate(fetched):  # after the window's metrics are written: they show the non-finite steps.
+            check_skips(step - len(fetched) + 1 + i, int(m["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
           pending, window_start = [], time.time()
-          # The guard is checked once per log window (no per-step sync); skipped steps never touch the state.
-          consecutive = int(max(m["consecutive_skips"] for m in fetched))
-          if consecutive >= config.max_skipped_steps:
-            raise FloatingPointError(
-                f"Halting at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
-                f"(limit config.max_skipped_steps={config.max_skipped_steps}); lower config.optim.base_lr or "
-                f"check the data. The last checkpoint in {ckpt_dir} holds finite parameters.")
         for hook in hooks:
           hook(step)
         preempted = stop["signal"] is not None or (
@@ -347,6 +374,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   return results
 
 
+def config_summary(config: ml_collections.ConfigDict) -> str:
+  """One line: the run's size; the full config goes to the log file and WORKDIR/config.json."""
+  v = config.model.vision
+  return (f"{config.total_steps} steps at global batch {config.input.batch_size}, {config.input.image_size} px, "
+          f"vision width {v.width} depths {tuple(v.depths)} groups {tuple(v.num_output_groups)}, "
+          f"lr {config.optim.base_lr:g}, seed {config.seed}, eval {config.eval.config or 'off'}")
+
+
+def step_line(step: int, total_steps: int, summary: Mapping[str, float], seconds_per_step: float) -> str:
+  """The console line of one log step: step, loss and its terms, images/s, ETA (and skips, when there are any).
+
+  `summary` holds the log window's values as written to the metric writers (train/loss, train/loss_<term>,
+  train/images_per_sec, train/skipped_steps, data/skipped, data/skipped_files); the ETA assumes the remaining
+  steps take `seconds_per_step` each.
+  """
+  terms = " ".join(f"{k[len('train/loss_'):]} {v:.4g}" for k, v in sorted(summary.items())
+                   if k.startswith("train/loss_"))
+  eta = datetime.timedelta(seconds=round((total_steps - step) * seconds_per_step))
+  line = (f"step {step}/{total_steps}  loss {summary['train/loss']:.6g} ({terms})  "
+          f"{summary['train/images_per_sec']:.1f} img/s  ETA {eta}")
+  skips = [(int(summary.get(key, 0)), name) for key, name in (
+      ("train/skipped_steps", "steps"), ("data/skipped", "records"), ("data/skipped_files", "files"))]
+  if any(n for n, _ in skips):
+    line += "  skipped " + ", ".join(f"{n} {name}" for n, name in skips if n)
+  return line
+
+
 def evaluate_state(config, model, state, workdir: str, step: int, final: bool = False) -> Dict[str, float]:
   """Zero-shot segmentation with config.eval on the current parameters (see mixreorg_jax/evaluate.py)."""
   from mixreorg_jax import evaluate  # noqa: PLC0415
@@ -361,6 +415,8 @@ def _sync(name: str) -> None:
 def main(argv):
   del argv
   initialize_distributed()
+  name = "train" if jax.process_count() == 1 else f"train.{jax.process_index()}"
+  console.to_log_file(os.path.join(FLAGS.workdir, f"{name}.log"))
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except Preempted as e:

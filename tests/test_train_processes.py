@@ -102,7 +102,7 @@ def test_two_processes_then_restore_on_one(synthetic_dir, tmp_path, processes):
   logged = []
   for i in range(2):
     with open(os.path.join(workdir, f"process_{i}.txt")) as f:
-      logged.append(re.findall(r"\[(\d+)\] .*train/loss=([-\d.e+]+)", f.read()))
+      logged.append(re.findall(r"step (\d+)/\d+  loss ([-\d.e+]+)", f.read()))
   assert [s for s, _ in logged[0]] == ["1", "2", "3"]
   assert logged[0] == logged[1]  # the same global loss on both processes.
   assert checkpoint_steps(workdir) == [3]

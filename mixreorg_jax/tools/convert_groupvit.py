@@ -11,6 +11,10 @@ Hugging Face tensor(s) it comes from and how they are transformed. To load anoth
 read that table and adapt it. A missing tensor, an unexpected tensor or a shape mismatch is an error that names
 the tensor.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -348,6 +352,7 @@ flags.DEFINE_string("tokenizer_path", "", "CLIP BPE vocab to record with the che
 
 
 def main(argv: List[str]) -> None:
+  console.to_log_file(console.tool_log_path("convert_groupvit"))
   del argv
   if not FLAGS.hf_dir or not FLAGS.output:
     raise app.UsageError("Both --hf_dir and --output are required.")
