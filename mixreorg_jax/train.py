@@ -65,6 +65,77 @@ class Preempted(Exception):
   """Raised after a clean save when SIGTERM/SIGINT (or a pod preemption notice) arrived."""
 
 
+# A process that loses a peer exits with this status (EX_TEMPFAIL): relaunching every process resumes the run.
+EXIT_PEER_LOST = 75
+# jax.distributed drops a process whose heartbeats stop (SIGKILLed, frozen, host down) after this long. The peer
+# watch then sees it gone within PEER_POLL_SECONDS, so a survivor stops within ~15 s of the loss.
+HEARTBEAT_TIMEOUT_SECONDS = 10
+PEER_POLL_SECONDS = 1.0
+
+
+class PeerWatch:
+  """Stops this process cleanly when another process of a multi-process run is lost.
+
+  A thread asks the coordination service every PEER_POLL_SECONDS which processes are alive; the loop also calls
+  `collective_failed()` when a collective raises (a dead peer resets gloo's connections at once), which waits
+  for the service to tell which process is gone. Either way one message (the lost processes, the step reached,
+  the latest complete checkpoint) goes to the console and the process exits with EXIT_PEER_LOST, skipping
+  jax.distributed's shutdown: that would wait for the lost peer and then abort with a native trace.
+  """
+
+  def __init__(self, ckpt_dir: str):
+    from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
+    self._client = distributed.global_state.client
+    self._ckpt_dir = ckpt_dir
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="peer_watch", daemon=True)
+    self.step = 0  # the step the loop is on, kept current by the loop.
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc_info):
+    self._stop.set()
+
+  def lost(self) -> List[int]:
+    """The processes the coordination service no longer counts as alive ([0] if the service itself is gone)."""
+    try:
+      alive = self._client.get_live_nodes(list(range(jax.process_count())))
+    except Exception:  # the service runs in process 0: no answer means process 0 is lost.
+      return [0]
+    return [i for i in range(jax.process_count()) if i not in alive]
+
+  def _watch(self) -> None:
+    while not self._stop.wait(PEER_POLL_SECONDS):
+      if (lost := self.lost()) and not self._stop.is_set():  # once training is over, a peer may finish first.
+        self._exit(lost)
+
+  def collective_failed(self, error: Exception) -> None:
+    """Exits as _watch would if a process is lost within the heartbeat timeout; returns if none is."""
+    deadline = time.time() + HEARTBEAT_TIMEOUT_SECONDS + 5 * PEER_POLL_SECONDS
+    while time.time() < deadline:
+      if lost := self.lost():
+        self._exit(lost, error)
+      time.sleep(PEER_POLL_SECONDS)
+
+  def _exit(self, lost: List[int], error: Optional[Exception] = None) -> None:
+    logging.error("Process %s of %d lost at step %d; stopping process %d. The latest complete checkpoint is step "
+                  "%s in %s; relaunch every process to resume from it.%s", ", ".join(map(str, lost)),
+                  jax.process_count(), self.step, jax.process_index(), latest_complete_step(self._ckpt_dir),
+                  self._ckpt_dir, f" ({type(error).__name__} in a collective; details in the log file)"
+                  if error else "")
+    if error is not None:
+      logging.info("The collective's error: %r", error, extra=console.LOG_FILE_ONLY)
+    logging.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PEER_LOST)
+
+
+class SaveFailed(Exception):
+  """A checkpoint could not be written (full disk, read-only or vanished directory); the previous one stays."""
+
+
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends scalars as one JSON object per line to `path` (read by plots, tests and the ablation script)."""
 
@@ -291,13 +362,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                       jax.process_count())
     logging.info("Resumed from step %d", latest)
   first_step = int(jax.device_get(state.step))
+  saving = {"step": None}  # the step of the save in flight, for SaveFailed's message.
+
+  def finish_saving() -> None:
+    """Waits for the asynchronous save in flight; its failure becomes SaveFailed (naming step and directory)."""
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # orbax re-raises whatever its commit thread hit (OSError, tensorstore errors, ...)
+      raise SaveFailed(f"Saving checkpoint {saving['step']} into {ckpt_dir} failed: {e!r}. The latest complete "
+                       f"checkpoint is step {latest_complete_step(ckpt_dir)}; free space or fix the directory, "
+                       "then rerun the same command to resume from it.") from e
 
   def save(step: int, force: bool = False) -> None:
     # Skipped updates keep the last finite parameters, so this only fires if a finite step produced a NaN.
     if not np.isfinite(float(jax.device_get(optax.global_norm(state.params)))):
-      raise FloatingPointError(f"Refusing to checkpoint non-finite parameters at step {step}.")
-    train_iter.save_state(input_state_path(workdir, step))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+      raise FloatingPointError(f"Refusing to checkpoint non-finite parameters at step {step} into {ckpt_dir}; the "
+                               f"latest checkpoint, step {latest_complete_step(ckpt_dir)}, holds finite ones.")
+    finish_saving()  # the previous save, long done at config.ckpt_steps apart, must not fail unseen.
+    saving["step"] = step
+    try:
+      train_iter.save_state(input_state_path(workdir, step))
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+    except Exception as e:
+      raise SaveFailed(f"Saving checkpoint {step} into {ckpt_dir} failed: {e!r}. The latest complete checkpoint "
+                       f"is step {latest_complete_step(ckpt_dir)}.") from e
     prune_input_states(workdir, list(manager.all_steps()) + [step])
 
   # ------------------------------------------------------------------------------------------- the jitted step
@@ -323,9 +411,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   stop = {"signal": None}
   pending: List[Dict[str, jax.Array]] = []
   window_start = time.time()
+  watch = PeerWatch(ckpt_dir) if jax.process_count() > 1 else None
   try:
-    with stop_on_signals(stop), save_fault(config.debug_save_fault):
+    with stop_on_signals(stop), save_fault(config.debug_save_fault), watch or contextlib.nullcontext():
       for step in range(first_step + 1, config.total_steps + 1):
+        if watch:
+          watch.step = step
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
           state, metrics = compiled(state, batch)
@@ -333,7 +424,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if len(pending) > MAX_STEPS_IN_FLIGHT:
           # Dispatch is asynchronous: without a bound the host would queue a whole log window of steps ahead
           # of the device, holding their batches in memory and delaying a preemption save by that much.
-          jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
+          done = pending[-1 - MAX_STEPS_IN_FLIGHT]
+          # Its skip counter is ready now, so reading it costs no extra sync: the guard halts at the exact step
+          # the limit was reached, at most MAX_STEPS_IN_FLIGHT steps later (and never after saving past it).
+          check_skips(step - MAX_STEPS_IN_FLIGHT, int(done["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
         if step % config.log_steps == 0 or step == config.total_steps:
           fetched = jax.device_get(pending)  # one host sync per log window, not per step.
           summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
@@ -354,15 +448,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         preempted = stop["signal"] is not None or (
             jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
         if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:
+          # A save syncs anyway: the step about to be saved must not be the one that reached the limit.
+          check_skips(step, int(metrics["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
           save(step, force=preempted)
         if preempted:
           raise Preempted(f"Stopped by a signal or preemption notice at step {step}; checkpoint written to "
                           f"{ckpt_dir}.")
         if config.eval.config and config.eval.every_steps and step % config.eval.every_steps == 0:
           writer.write_scalars(step, evaluate_state(config, model, state, workdir, step))
+    finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
+  except jax.errors.JaxRuntimeError as e:
+    if watch:
+      watch.collective_failed(e)  # exits if a peer is gone; otherwise the error is ours to raise.
+    raise
   finally:
-    manager.wait_until_finished()  # a pending async save completes before any exit, clean or not.
-    manager.close()
+    with contextlib.suppress(Exception):  # ... and, quietly, before any other: the first error is the one to see.
+      manager.wait_until_finished()
+    with contextlib.suppress(Exception):
+      manager.close()
     writer.flush()
 
   # ------------------------------------------------------------------------------------------- final evaluation
