@@ -9,8 +9,8 @@ Every command line tool starts with
 and calls `console.to_log_file(path)` in main(), once it knows where its outputs go. From then on:
   - the console shows the INFO records of mixreorg_jax's own modules and WARNING and above from anyone;
   - the log file gets every record (INFO up, every library: orbax, clu, jax) and everything written to file
-    descriptor 2 by native code (TensorFlow's and XLA's C++ logging, gloo, fatal traces), including what was
-    held since start-up. The trainer logs into its workdir; a tool without one into tool_log_path(tool).
+    descriptors 1 and 2 by native code (TensorFlow's and XLA's C++ logging, gloo, fatal traces), including what
+    was held since start-up. The trainer logs into its workdir; a tool without one into tool_log_path(tool).
 `--verbose` (every tool has it) brings the old behaviour back: everything on the console, no log file.
 """
 import logging
@@ -32,19 +32,20 @@ _held: Optional[tempfile.TemporaryFile] = None  # native output since start-up, 
 
 
 def hold_native_output() -> None:
-  """Points file descriptor 2 at a temporary file; Python's sys.stderr keeps writing to the console.
+  """Points file descriptors 1 and 2 at a temporary file; Python's sys.stdout and sys.stderr keep the console.
 
-  Native code writes its logging straight to descriptor 2, at import already, before any flag is parsed: hence
-  `--verbose` is read from sys.argv here. A no-op with --verbose or when called twice.
+  Native code writes its logging straight to descriptor 2 (gloo to 1), at import already, before any flag is
+  parsed: hence `--verbose` is read from sys.argv here. A no-op with --verbose or when called twice.
   """
   global _held
   if _held is not None or VERBOSE_FLAG in sys.argv[1:]:
     return
-  sys.stderr.flush()
-  console_fd = os.dup(2)
   _held = tempfile.TemporaryFile()
-  os.dup2(_held.fileno(), 2)
-  sys.stderr = open(console_fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+  for fd, name in ((1, "stdout"), (2, "stderr")):
+    getattr(sys, name).flush()
+    console_fd = os.dup(fd)
+    os.dup2(_held.fileno(), fd)
+    setattr(sys, name, open(console_fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace"))
 
 
 class _ConsoleFilter(logging.Filter):
@@ -75,7 +76,8 @@ def to_log_file(path: str) -> Optional[str]:
     _held.seek(0)
     log.write(_held.read())
     log.flush()
-    os.dup2(log.fileno(), 2)  # native output now appends to the log file.
+    os.dup2(log.fileno(), 1)  # native output now appends to the log file.
+    os.dup2(log.fileno(), 2)
     _held.close()
     _held = None
   file_handler = logging.FileHandler(path)
