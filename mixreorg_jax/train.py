@@ -158,13 +158,40 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def initialize_distributed() -> None:
-  """Starts jax.distributed for multi-process runs; CPU processes talk over gloo."""
+  """Starts jax.distributed for multi-process runs; CPU processes talk over gloo.
+
+  Recoverability keeps the coordination service from aborting every process with a native trace when one is
+  lost; PeerWatch stops the survivors cleanly instead.
+  """
+  if not FLAGS.coordinator_address and not FLAGS.multihost:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_enable_recoverability", True)
   if FLAGS.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.multihost:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+  else:
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+
+
+def shutdown_distributed() -> None:
+  """Ends jax.distributed in order: every process meets, the others disconnect, then process 0 stops the service.
+
+  With recoverability on, process 0 would otherwise stop the coordination service under a peer that is still
+  disconnecting, and that peer would abort with a native trace.
+  """
+  if jax.process_count() == 1:
+    return
+  multihost_utils.sync_global_devices("end of run")
+  if jax.process_index() == 0:
+    from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+      with contextlib.suppress(Exception):
+        if len(distributed.global_state.client.get_live_nodes(list(range(jax.process_count())))) <= 1:
+          break
+      time.sleep(0.2)
+  jax.distributed.shutdown()
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -522,8 +549,14 @@ def main(argv):
   console.to_log_file(os.path.join(FLAGS.workdir, f"{name}.log"))
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    shutdown_distributed()
   except Preempted as e:
     logging.warning("%s", e)
+    shutdown_distributed()
+  except (SaveFailed, FloatingPointError) as e:  # a plain message on the console, the traceback in the log file.
+    logging.error("%s", e)
+    logging.info("Traceback of the stop", exc_info=True, extra=console.LOG_FILE_ONLY)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,55 @@ def test_two_processes_then_restore_on_one(synthetic_dir, tmp_path, processes):
   steps = [m["step"] for m in common.read_metrics(workdir) if "train/loss" in m]
   assert steps == [1, 2, 3, 4]  # resumed at 3: steps 1-3 were not run again.
   assert checkpoint_steps(workdir) == [3, 4]
+
+
+def start_two_processes(processes, config, workdir: str, run: str) -> list:
+  """Both processes of a 2 x 2-device run over gloo on 127.0.0.1 (console output to workdir/<run>_<i>.txt)."""
+  address = f"127.0.0.1:{free_port()}"
+  return [processes.train(config, workdir, f"--coordinator_address={address}", "--num_processes=2",
+                          f"--process_id={i}", log_name=f"{run}_{i}.txt") for i in range(2)]
+
+
+def read_log(workdir: str, name: str) -> str:
+  with open(os.path.join(workdir, name)) as f:
+    return f.read()
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_then_peer_lost_resume_exactly(synthetic_dir, tmp_path, processes):
+  """SIGTERM to both processes: they save one agreed step and exit 0. SIGKILL of process 1: process 0 stops within
+  30 s with one message. Each relaunch resumes; every step's loss equals an uninterrupted run's to 1e-6."""
+  config = common.train_config(synthetic_dir, total_steps=12, ckpt_steps=4)
+  straight = str(tmp_path / "straight")
+  assert [p.wait(timeout=900) for p in start_two_processes(processes, config, straight, "run")] == [0, 0]
+  want = common.losses(straight)
+  assert sorted(want) == list(range(1, 13))
+  workdir = str(tmp_path / "run")
+
+  procs = start_two_processes(processes, config, workdir, "preempted")
+  wait_for(lambda: max(common.losses(workdir), default=0) >= 2, procs[0])
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  stopped = {int(re.search(r"Stopped by a signal or preemption notice at step (\d+)", read_log(
+      workdir, f"preempted_{i}.txt")).group(1)) for i in range(2)}
+  assert len(stopped) == 1 and checkpoint_steps(workdir)[-1] == stopped.pop()  # one agreed step, saved.
+
+  procs = start_two_processes(processes, config, workdir, "peer_lost")
+  wait_for(lambda: max(common.losses(workdir), default=0) >= 9, procs[0])  # past the checkpoint of step 8.
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  assert procs[0].wait(timeout=60) == train.EXIT_PEER_LOST
+  seconds = time.time() - killed
+  assert seconds < 30, seconds
+  last = read_log(workdir, "peer_lost_0.txt").strip().splitlines()[-1]
+  latest = train.latest_complete_step(os.path.join(workdir, "checkpoints"))
+  assert re.search(rf"Process 1 of 2 lost at step \d+; .* latest complete checkpoint is step {latest} in ", last), last
+  assert latest >= 8
+
+  assert [p.wait(timeout=900) for p in start_two_processes(processes, config, workdir, "resumed")] == [0, 0]
+  got = common.losses(workdir)
+  assert sorted(got) == list(range(1, 13))
+  print(f"peer loss to exit: {seconds:.1f} s; max |loss - uninterrupted|: "
+        f"{max(abs(got[s] - want[s]) for s in want):.2e}")
+  np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=0, atol=1e-6)
