@@ -29,6 +29,7 @@ LOG_FILE_ONLY = {"console": False}  # logging's `extra=` for a record of this pa
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _held: Optional[tempfile.TemporaryFile] = None  # native output since start-up, until to_log_file
+_log_path: Optional[str] = None  # where to_log_file sent the logs (it acts once per process)
 
 
 def hold_native_output() -> None:
@@ -65,11 +66,15 @@ def tool_log_path(tool: str) -> str:
 def to_log_file(path: str) -> Optional[str]:
   """Sends every log record and the native output (held and future) to `path`; the console keeps its share.
 
-  Returns the log path, or None with --verbose (then nothing changes and everything stays on the console).
+  Returns the log path, or None with --verbose (then nothing changes and everything stays on the console). A
+  second call (a tool's main() run twice in one process) keeps the first log file.
   """
-  global _held
+  global _held, _log_path
   if VERBOSE_FLAG in sys.argv[1:] or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose):
     return None
+  if _log_path is not None:
+    return _log_path
+  _log_path = path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   log = open(path, "ab")
   if _held is not None:
