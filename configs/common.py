@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0  # > 0: write a profiler trace of this many steps after the first log_steps.
   c.debug_nan_step = -1  # test hook: >= 0 poisons the gradients from this step on (NaN guard tests) ...
   c.debug_nan_steps = 1  # ... for this many steps.
+  c.debug_save_fault = ""  # test hook: "kill:STEP" SIGKILLs the run mid-save of STEP, "enospc:STEP" fails it.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices.
 
   c.input = ml_collections.ConfigDict()

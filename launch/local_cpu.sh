@@ -10,7 +10,8 @@
 # so this exercises the same jax.distributed code path as a TPU pod or a GPU cluster. Process i logs to
 # WORKDIR/process_i.log (process 0 also to the terminal). Ctrl-C saves a checkpoint at the current step and
 # stops: one process handles SIGINT itself; several get SIGTERM, which JAX's preemption service turns into a
-# step that all of them agree on and save.
+# step that all of them agree on and save. If a process dies, the others stop within ~15 s with one message
+# (exit status 75) and the script exits with the first failing process's status; rerun it to resume.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -44,8 +45,14 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   pids+=($!)
 done
 tail -n +1 -f "$WORKDIR/process_0.log" --pid="${pids[0]}" &
+# The status of the first process (in process order) that failed: 75 = it lost a peer (relaunch to resume).
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+for i in "${!pids[@]}"; do
+  code=0
+  wait "${pids[$i]}" || code=$?
+  if [[ $code -ne 0 ]]; then
+    echo "process $i exited with status $code (its console: $WORKDIR/process_$i.log)" >&2
+    [[ $status -ne 0 ]] || status=$code
+  fi
 done
 exit "$status"

@@ -9,7 +9,8 @@
 # coordinator address, process count and index from the SLURM environment (its cluster auto-detection), binding
 # each process to its local GPU(s). The workdir must be on a filesystem every node sees. SLURM sends SIGTERM
 # before the time limit or on preemption (--signal below asks for it 120 s ahead); the processes agree on a step,
-# save it and exit, and `sbatch --requeue` / re-submitting resumes from it.
+# save it and exit, and `sbatch --requeue` / re-submitting resumes from it. A process that loses a peer exits with
+# status 75 (--kill-on-bad-exit then ends the rest); srun returns the failing status, and re-submitting resumes.
 #SBATCH --job-name=mixreorg
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8

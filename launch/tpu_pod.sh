@@ -10,11 +10,12 @@
 # and each host saves its own tf.data position next to it. REPO_DIR (default ~/mixreorg_jax) is the checkout on
 # the workers; SETUP (optional) runs before training, e.g. SETUP="git -C ~/mixreorg_jax pull". A preempted or
 # maintenance-evicted pod gets SIGTERM: the hosts agree on a step, save it and exit; re-running this script
-# resumes from it.
+# resumes from it. A worker that loses a peer stops within ~15 s with one message and status 75; the ssh command
+# returns a failing worker's status, and re-running this script resumes from the latest complete checkpoint.
 set -euo pipefail
 
 if [[ $# -lt 2 || -z "${TPU_NAME:-}" || -z "${ZONE:-}" ]]; then
-  sed -n '2,15p' "$0"; exit 2
+  sed -n '2,14p' "$0"; exit 2
 fi
 CONFIG=$1; WORKDIR=$2; shift 2
 REPO_DIR=${REPO_DIR:-'~/mixreorg_jax'}  # expanded on the workers.

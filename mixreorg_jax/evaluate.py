@@ -8,6 +8,10 @@ metrics.json (mIoU, per_class_iou, pixel_acc, mean_acc, num_images and the proto
 overlay pictures of the first config.num_visualizations images. The trainer calls `evaluate_train_state` with an
 eval config attached to the train config (config.eval).
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import functools
 import importlib.util
 import json
@@ -356,23 +360,31 @@ def evaluate_train_state(config: ml_collections.ConfigDict, model, state, workdi
     write_results(summary, eval_config, output_dir, step, extra)
     jsonl = os.path.join(workdir, "metrics.jsonl")
     if final and os.path.exists(jsonl):
-      plot_training_curves(jsonl, os.path.join(workdir, "training_curves.png"))
+      plot_training_curves(jsonl, os.path.join(workdir, "training_curves.png"), evals={step: results["eval/mIoU"]})
   logging.info("Step %d zero-shot %s: %s", step, eval_config.data.name, results)
   return results
 
 
-def plot_training_curves(metrics_jsonl_path: str, out_png: str, keys: Sequence[str] = CURVE_KEYS) -> str:
+def plot_training_curves(metrics_jsonl_path: str, out_png: str, keys: Sequence[str] = CURVE_KEYS,
+                         evals: Optional[Dict[int, float]] = None) -> str:
   """Plots the train losses and seg accuracy of a metrics.jsonl ({"step": ..., "train/loss": ...} per line)
-  against the step, one panel per key present; -> out_png."""
+  against the step, one panel per key present; -> out_png.
+
+  Evaluations (the file's eval/mIoU records, plus `evals` {step: mIoU} not yet written) are marked by a dotted
+  line in every panel and plotted in a last panel of their own.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   series = {k: ([], []) for k in keys}
+  evals = dict(evals or {})
   with open(metrics_jsonl_path) as f:
     for line in f:
       if not line.strip():
         continue
       record = json.loads(line)
+      if record.get("eval/mIoU") is not None and "step" in record:
+        evals.setdefault(record["step"], record["eval/mIoU"])
       for k in keys:
         if k in record and record[k] is not None and "step" in record:
           series[k][0].append(record["step"])
@@ -380,11 +392,28 @@ def plot_training_curves(metrics_jsonl_path: str, out_png: str, keys: Sequence[s
   present = [k for k in keys if series[k][0]]
   if not present:
     raise ValueError(f"{metrics_jsonl_path} has none of {list(keys)}; nothing to plot.")
-  fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.8), squeeze=False)
-  for ax, k in zip(axes[0], present):
+  panels = len(present) + bool(evals)
+  cols = min(panels, 4)
+  rows = -(-panels // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharex=True)
+  axes = axes.ravel()
+  for ax in axes[panels:]:
+    ax.axis("off")
+  for ax, k in zip(axes, present):
     ax.plot(*series[k], lw=1.2)
+    for step in evals:
+      ax.axvline(step, color="tab:red", ls=":", lw=1)
     ax.set_title(k.split("/", 1)[-1])
     ax.set_xlabel("step")
+    ax.tick_params(labelbottom=True)
+    ax.grid(alpha=0.3)
+  if evals:
+    ax = axes[panels - 1]
+    steps = sorted(evals)
+    ax.plot(steps, [evals[s] for s in steps], "o-", color="tab:red", lw=1.2)
+    ax.set_title("eval mIoU (dotted: evaluations)")
+    ax.set_xlabel("step")
+    ax.tick_params(labelbottom=True)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
@@ -425,6 +454,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("evaluate"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output_dir)

@@ -10,6 +10,10 @@ background class where no class reaches --bg_threshold (--nobackground turns it 
 From Python, `segment_image(model, image, class_names)` returns pixel-level class scores [C, H, W], the label
 map and the group map, for downstream use.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -104,6 +108,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("segment"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

@@ -6,16 +6,28 @@ Multi-host: run the same command on every host (launch/tpu_pod.sh, launch/slurm.
 `jax.distributed.initialize()` auto-detection, or `--coordinator_address/--num_processes/--process_id`
 (launch/local_cpu.sh does this on 127.0.0.1). The run resumes from the workdir's latest checkpoint, including the
 input position, and SIGTERM/SIGINT save a checkpoint at the current step before exiting.
+
+The console shows the config summary, parameter count, mesh, set-up and compile times, one line per log step,
+evaluation results and warnings; library INFO and native output go to WORKDIR/train.log (train.<process>.log
+with several processes), and --verbose puts them back on the console.
 """
 import contextlib
+import datetime
+import errno
 import json
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-from absl import app
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
+from absl import app  # noqa: E402  (every import below loads after the hold above)
 from absl import flags
 from absl import logging
 from clu import metric_writers
@@ -53,6 +65,77 @@ class Preempted(Exception):
   """Raised after a clean save when SIGTERM/SIGINT (or a pod preemption notice) arrived."""
 
 
+# A process that loses a peer exits with this status (EX_TEMPFAIL): relaunching every process resumes the run.
+EXIT_PEER_LOST = 75
+# jax.distributed drops a process whose heartbeats stop (SIGKILLed, frozen, host down) after this long. The peer
+# watch then sees it gone within PEER_POLL_SECONDS, so a survivor stops within ~15 s of the loss.
+HEARTBEAT_TIMEOUT_SECONDS = 10
+PEER_POLL_SECONDS = 1.0
+
+
+class PeerWatch:
+  """Stops this process cleanly when another process of a multi-process run is lost.
+
+  A thread asks the coordination service every PEER_POLL_SECONDS which processes are alive; the loop also calls
+  `collective_failed()` when a collective raises (a dead peer resets gloo's connections at once), which waits
+  for the service to tell which process is gone. Either way one message (the lost processes, the step reached,
+  the latest complete checkpoint) goes to the console and the process exits with EXIT_PEER_LOST, skipping
+  jax.distributed's shutdown: that would wait for the lost peer and then abort with a native trace.
+  """
+
+  def __init__(self, ckpt_dir: str):
+    from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
+    self._client = distributed.global_state.client
+    self._ckpt_dir = ckpt_dir
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="peer_watch", daemon=True)
+    self.step = 0  # the step the loop is on, kept current by the loop.
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc_info):
+    self._stop.set()
+
+  def lost(self) -> List[int]:
+    """The processes the coordination service no longer counts as alive ([0] if the service itself is gone)."""
+    try:
+      alive = self._client.get_live_nodes(list(range(jax.process_count())))
+    except Exception:  # the service runs in process 0: no answer means process 0 is lost.
+      return [0]
+    return [i for i in range(jax.process_count()) if i not in alive]
+
+  def _watch(self) -> None:
+    while not self._stop.wait(PEER_POLL_SECONDS):
+      if (lost := self.lost()) and not self._stop.is_set():  # once training is over, a peer may finish first.
+        self._exit(lost)
+
+  def collective_failed(self, error: Exception) -> None:
+    """Exits as _watch would if a process is lost within the heartbeat timeout; returns if none is."""
+    deadline = time.time() + HEARTBEAT_TIMEOUT_SECONDS + 5 * PEER_POLL_SECONDS
+    while time.time() < deadline:
+      if lost := self.lost():
+        self._exit(lost, error)
+      time.sleep(PEER_POLL_SECONDS)
+
+  def _exit(self, lost: List[int], error: Optional[Exception] = None) -> None:
+    logging.error("Process %s of %d lost at step %d; stopping process %d. The latest complete checkpoint is step "
+                  "%s in %s; relaunch every process to resume from it.%s", ", ".join(map(str, lost)),
+                  jax.process_count(), self.step, jax.process_index(), latest_complete_step(self._ckpt_dir),
+                  self._ckpt_dir, f" ({type(error).__name__} in a collective; details in the log file)"
+                  if error else "")
+    if error is not None:
+      logging.info("The collective's error: %r", error, extra=console.LOG_FILE_ONLY)
+    logging.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PEER_LOST)
+
+
+class SaveFailed(Exception):
+  """A checkpoint could not be written (full disk, read-only or vanished directory); the previous one stays."""
+
+
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends scalars as one JSON object per line to `path` (read by plots, tests and the ablation script)."""
 
@@ -75,13 +158,40 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def initialize_distributed() -> None:
-  """Starts jax.distributed for multi-process runs; CPU processes talk over gloo."""
+  """Starts jax.distributed for multi-process runs; CPU processes talk over gloo.
+
+  Recoverability keeps the coordination service from aborting every process with a native trace when one is
+  lost; PeerWatch stops the survivors cleanly instead.
+  """
+  if not FLAGS.coordinator_address and not FLAGS.multihost:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_enable_recoverability", True)
   if FLAGS.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.multihost:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+  else:
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+
+
+def shutdown_distributed() -> None:
+  """Ends jax.distributed in order: every process meets, the others disconnect, then process 0 stops the service.
+
+  With recoverability on, process 0 would otherwise stop the coordination service under a peer that is still
+  disconnecting, and that peer would abort with a native trace.
+  """
+  if jax.process_count() == 1:
+    return
+  multihost_utils.sync_global_devices("end of run")
+  if jax.process_index() == 0:
+    from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+      with contextlib.suppress(Exception):
+        if len(distributed.global_state.client.get_live_nodes(list(range(jax.process_count())))) <= 1:
+          break
+      time.sleep(0.2)
+  jax.distributed.shutdown()
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -139,6 +249,21 @@ def prune_input_states(workdir: str, keep_steps: List[int]) -> None:
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def latest_complete_step(ckpt_dir: str) -> Optional[int]:
+  """The newest checkpoint orbax finished (renamed from <step>.orbax-checkpoint-tmp to <step>), read from disk."""
+  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  return max(steps, default=None)
+
+
+def check_skips(step: int, consecutive: int, max_skipped_steps: int, ckpt_dir: str) -> None:
+  """Raises FloatingPointError if step `step` is the config.max_skipped_steps-th non-finite step in a row."""
+  if consecutive >= max_skipped_steps:
+    raise FloatingPointError(
+        f"Halting at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
+        f"(limit config.max_skipped_steps={max_skipped_steps}); lower config.optim.base_lr or check the data. "
+        f"The latest checkpoint, step {latest_complete_step(ckpt_dir)} in {ckpt_dir}, holds finite parameters.")
+
+
 def global_sum(value: float) -> float:
   """Sum of a host-local number over all processes (a collective: every process must call it)."""
   if jax.process_count() == 1:
@@ -168,6 +293,37 @@ def stop_on_signals(stop: Dict[str, Any]):
       signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def save_fault(spec: str):
+  """Test hook config.debug_save_fault, active inside the block: a fault in orbax's commit of one checkpoint.
+
+  "kill:STEP" SIGKILLs this process, and "enospc:STEP" fails the save with ENOSPC (a full disk), when checkpoint
+  STEP has been written into its temporary directory and is about to be renamed complete: the exact moment a
+  lost host or a full disk does the most harm. "" (the default) changes nothing.
+  """
+  if not spec:
+    yield
+    return
+  kind, _, step = spec.partition(":")
+  if kind not in ("kill", "enospc") or not step.isdigit():
+    raise ValueError(f"config.debug_save_fault={spec!r}: expected '', 'kill:STEP' or 'enospc:STEP'.")
+  cls = ocp.path.atomicity.AtomicRenameTemporaryPath
+  finalize = cls.finalize
+
+  async def faulty_finalize(self):
+    if self.get_final().name == step:
+      if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+    await finalize(self)
+
+  cls.finalize = faulty_finalize
+  try:
+    yield
+  finally:
+    cls.finalize = finalize
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Runs training to config.total_steps (resuming if possible), then the attached evaluation. -> final metrics.
 
@@ -183,7 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  logging.info("Config:\n%s", config)
+  logging.info("Config: %s", config_summary(config))
+  logging.info("Full config:\n%s", config, extra=console.LOG_FILE_ONLY)
 
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -205,8 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tx, schedule = optim.make_optimizer(config.optim, config.input.batch_size, config.total_steps)
   abstract = train_step.abstract_state(config, model, tx)
   state_shardings = sharding.state_shardings(mesh, abstract)
-  if jax.process_index() == 0:
-    parameter_overview.log_parameter_overview(abstract.params, include_stats=False)
+  logging.info("Parameters: %s", f"{int(parameter_overview.count_parameters(abstract.params)):,}")
+  logging.info("%s", parameter_overview.get_parameter_overview(abstract.params, include_stats=False),
+               extra=console.LOG_FILE_ONLY)
 
   # ------------------------------------------------------------------------------------------- restore
   # Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save cut
@@ -231,13 +389,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                       jax.process_count())
     logging.info("Resumed from step %d", latest)
   first_step = int(jax.device_get(state.step))
+  saving = {"step": None}  # the step of the save in flight, for SaveFailed's message.
+
+  def finish_saving() -> None:
+    """Waits for the asynchronous save in flight; its failure becomes SaveFailed (naming step and directory)."""
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # orbax re-raises whatever its commit thread hit (OSError, tensorstore errors, ...)
+      raise SaveFailed(f"Saving checkpoint {saving['step']} into {ckpt_dir} failed: {e!r}. The latest complete "
+                       f"checkpoint is step {latest_complete_step(ckpt_dir)}; free space or fix the directory, "
+                       "then rerun the same command to resume from it.") from e
 
   def save(step: int, force: bool = False) -> None:
     # Skipped updates keep the last finite parameters, so this only fires if a finite step produced a NaN.
     if not np.isfinite(float(jax.device_get(optax.global_norm(state.params)))):
-      raise FloatingPointError(f"Refusing to checkpoint non-finite parameters at step {step}.")
-    train_iter.save_state(input_state_path(workdir, step))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+      raise FloatingPointError(f"Refusing to checkpoint non-finite parameters at step {step} into {ckpt_dir}; the "
+                               f"latest checkpoint, step {latest_complete_step(ckpt_dir)}, holds finite ones.")
+    finish_saving()  # the previous save, long done at config.ckpt_steps apart, must not fail unseen.
+    saving["step"] = step
+    try:
+      train_iter.save_state(input_state_path(workdir, step))
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+    except Exception as e:
+      raise SaveFailed(f"Saving checkpoint {step} into {ckpt_dir} failed: {e!r}. The latest complete checkpoint "
+                       f"is step {latest_complete_step(ckpt_dir)}.") from e
     prune_input_states(workdir, list(manager.all_steps()) + [step])
 
   # ------------------------------------------------------------------------------------------- the jitted step
@@ -263,9 +438,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   stop = {"signal": None}
   pending: List[Dict[str, jax.Array]] = []
   window_start = time.time()
+  watch = PeerWatch(ckpt_dir) if jax.process_count() > 1 else None
   try:
-    with stop_on_signals(stop):
+    with stop_on_signals(stop), save_fault(config.debug_save_fault), watch or contextlib.nullcontext():
       for step in range(first_step + 1, config.total_steps + 1):
+        if watch:
+          watch.step = step
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
           state, metrics = compiled(state, batch)
@@ -273,37 +451,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if len(pending) > MAX_STEPS_IN_FLIGHT:
           # Dispatch is asynchronous: without a bound the host would queue a whole log window of steps ahead
           # of the device, holding their batches in memory and delaying a preemption save by that much.
-          jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
+          done = pending[-1 - MAX_STEPS_IN_FLIGHT]
+          # Its skip counter is ready now, so reading it costs no extra sync: the guard halts at the exact step
+          # the limit was reached, at most MAX_STEPS_IN_FLIGHT steps later (and never after saving past it).
+          check_skips(step - MAX_STEPS_IN_FLIGHT, int(done["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
         if step % config.log_steps == 0 or step == config.total_steps:
           fetched = jax.device_get(pending)  # one host sync per log window, not per step.
           summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                      if k not in ("skipped", "consecutive_skips")}
           summary["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
-          summary["train/images_per_sec"] = len(pending) * config.input.batch_size / (time.time() - window_start)
-          summary["data/skipped"] = global_sum(sum(train_iter.skipped().values()))
+          seconds_per_step = (time.time() - window_start) / len(pending)
+          summary["train/images_per_sec"] = config.input.batch_size / seconds_per_step
+          skipped = train_iter.skipped()
+          summary["data/skipped_files"] = global_sum(skipped.pop("corrupt_file"))
+          summary["data/skipped"] = global_sum(sum(skipped.values()))
           writer.write_scalars(step, summary)
+          logging.info("%s", step_line(step, config.total_steps, summary, seconds_per_step))
+          for i, m in enumerate(fetched):  # after the window's metrics are written: they show the non-finite steps.
+            check_skips(step - len(fetched) + 1 + i, int(m["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
           pending, window_start = [], time.time()
-          # The guard is checked once per log window (no per-step sync); skipped steps never touch the state.
-          consecutive = int(max(m["consecutive_skips"] for m in fetched))
-          if consecutive >= config.max_skipped_steps:
-            raise FloatingPointError(
-                f"Halting at step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
-                f"(limit config.max_skipped_steps={config.max_skipped_steps}); lower config.optim.base_lr or "
-                f"check the data. The last checkpoint in {ckpt_dir} holds finite parameters.")
         for hook in hooks:
           hook(step)
         preempted = stop["signal"] is not None or (
             jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
         if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:
+          # A save syncs anyway: the step about to be saved must not be the one that reached the limit.
+          check_skips(step, int(metrics["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
           save(step, force=preempted)
         if preempted:
           raise Preempted(f"Stopped by a signal or preemption notice at step {step}; checkpoint written to "
                           f"{ckpt_dir}.")
         if config.eval.config and config.eval.every_steps and step % config.eval.every_steps == 0:
           writer.write_scalars(step, evaluate_state(config, model, state, workdir, step))
+    finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
+  except jax.errors.JaxRuntimeError as e:
+    if watch:
+      watch.collective_failed(e)  # exits if a peer is gone; otherwise the error is ours to raise.
+    raise
   finally:
-    manager.wait_until_finished()  # a pending async save completes before any exit, clean or not.
-    manager.close()
+    with contextlib.suppress(Exception):  # ... and, quietly, before any other: the first error is the one to see.
+      manager.wait_until_finished()
+    with contextlib.suppress(Exception):
+      manager.close()
     writer.flush()
 
   # ------------------------------------------------------------------------------------------- final evaluation
@@ -313,6 +502,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer.write_scalars(config.total_steps, results)
   writer.close()
   return results
+
+
+def config_summary(config: ml_collections.ConfigDict) -> str:
+  """One line: the run's size; the full config goes to the log file and WORKDIR/config.json."""
+  v = config.model.vision
+  return (f"{config.total_steps} steps at global batch {config.input.batch_size}, {config.input.image_size} px, "
+          f"vision width {v.width} depths {tuple(v.depths)} groups {tuple(v.num_output_groups)}, "
+          f"lr {config.optim.base_lr:g}, seed {config.seed}, eval {config.eval.config or 'off'}")
+
+
+def step_line(step: int, total_steps: int, summary: Mapping[str, float], seconds_per_step: float) -> str:
+  """The console line of one log step: step, loss and its terms, images/s, ETA (and skips, when there are any).
+
+  `summary` holds the log window's values as written to the metric writers (train/loss, train/loss_<term>,
+  train/images_per_sec, train/skipped_steps, data/skipped, data/skipped_files); the ETA assumes the remaining
+  steps take `seconds_per_step` each.
+  """
+  terms = " ".join(f"{k[len('train/loss_'):]} {v:.4g}" for k, v in sorted(summary.items())
+                   if k.startswith("train/loss_"))
+  eta = datetime.timedelta(seconds=round((total_steps - step) * seconds_per_step))
+  line = (f"step {step}/{total_steps}  loss {summary['train/loss']:.6g} ({terms})  "
+          f"{summary['train/images_per_sec']:.1f} img/s  ETA {eta}")
+  skips = [(int(summary.get(key, 0)), name) for key, name in (
+      ("train/skipped_steps", "steps"), ("data/skipped", "records"), ("data/skipped_files", "files"))]
+  if any(n for n, _ in skips):
+    line += "  skipped " + ", ".join(f"{n} {name}" for n, name in skips if n)
+  return line
 
 
 def evaluate_state(config, model, state, workdir: str, step: int, final: bool = False) -> Dict[str, float]:
@@ -329,10 +545,18 @@ def _sync(name: str) -> None:
 def main(argv):
   del argv
   initialize_distributed()
+  name = "train" if jax.process_count() == 1 else f"train.{jax.process_index()}"
+  console.to_log_file(os.path.join(FLAGS.workdir, f"{name}.log"))
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    shutdown_distributed()
   except Preempted as e:
     logging.warning("%s", e)
+    shutdown_distributed()
+  except (SaveFailed, FloatingPointError) as e:  # a plain message on the console, the traceback in the log file.
+    logging.error("%s", e)
+    logging.info("Traceback of the stop", exc_info=True, extra=console.LOG_FILE_ONLY)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,30 @@ def test_decode_errors_past_the_header_checks_are_counted(tmp_path):
   assert it.skipped()["decode_error"] == 1 and sum(it.skipped().values()) == 1
 
 
+def test_truncated_and_corrupt_files_are_read_to_the_damage_counted_and_logged(tmp_path, caplog):
+  """A file cut mid-record and one with a flipped byte in its 4th record: their intact records are used, each is
+  counted once per pass in "corrupt_file" and logged with its path, and the batches keep coming."""
+  for name, first in (("good", 0), ("truncated", 10), ("corrupt", 20)):
+    _write(tmp_path / f"{name}.tfrecord", [_good(first + i, caption=CAPTIONS[first + i]) for i in range(6)])
+  data = (tmp_path / "truncated.tfrecord").read_bytes()
+  (tmp_path / "truncated.tfrecord").write_bytes(data[:len(data) * 3 // 4])  # the 5th record is cut.
+  data = bytearray((tmp_path / "corrupt.tfrecord").read_bytes())
+  data[len(data) // 2] ^= 0xFF  # inside the 4th record: the 4th to 6th are lost.
+  (tmp_path / "corrupt.tfrecord").write_bytes(bytes(data))
+  # 6 + 4 + 3 = 13 intact records per pass over the files.
+  it = input_pipeline.make_train_iterator(_config(tmp_path, batch_size=13), 0, 1)
+  with caplog.at_level("WARNING"):
+    batches = _all_batches(it, 3)  # three passes' worth: files of consecutive passes interleave.
+  assert it.skipped()["corrupt_file"] >= 4 and sum(it.skipped().values()) == it.skipped()["corrupt_file"]
+  want = [CAPTIONS[i] for i in list(range(6)) + list(range(10, 14)) + list(range(20, 23))]
+  tokens = input_pipeline.tokenizers.make_tokenizer(_config(tmp_path)).tokenize_numpy(want)
+  seen = np.unique(np.concatenate([b["text"] for b in batches]), axis=0)
+  np.testing.assert_array_equal(seen, np.unique(tokens, axis=0))  # every intact record, nothing past the damage.
+  warned = [r.getMessage() for r in caplog.records if "Skipped the rest of" in r.getMessage()]
+  assert sorted(w.split()[4].rstrip(":") for w in warned) == [str(tmp_path / f"{n}.tfrecord")
+                                                               for n in ("corrupt", "truncated")]  # once each.
+
+
 def test_wrong_feature_key_names_the_config_key(tmp_path):
   _write(tmp_path / "a.tfrecord", [_good(0)])
   with pytest.raises(KeyError, match="config.input.image_key"):

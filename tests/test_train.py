@@ -84,17 +84,50 @@ def test_nan_guard_skips_counts_and_export_loads(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_guard_halts_after_max_skipped_steps(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("log_steps, ckpt_steps", [(1, 1), (100, 1), (100, 100)])
+def test_nan_guard_halts_at_the_step_that_reaches_max_skipped_steps(synthetic_dir, tmp_path, log_steps, ckpt_steps):
+  """Steps 2 and 3 are poisoned, the limit is 2: the run halts at step 3, whether that is a log step, a checkpoint
+  step or neither, and never checkpoints step 3 or later."""
   workdir = str(tmp_path / "run")
-  config = common.train_config(synthetic_dir, total_steps=8, ckpt_steps=1, keep_ckpts=5, debug_nan_step=1,
-                               max_skipped_steps=2)
+  config = common.train_config(synthetic_dir, total_steps=8, log_steps=log_steps, ckpt_steps=ckpt_steps,
+                               keep_ckpts=5, debug_nan_step=1, max_skipped_steps=2)
   config.debug_nan_steps = 100
-  with pytest.raises(FloatingPointError, match=r"2 consecutive steps .* config\.max_skipped_steps=2"):
+  halt = r"Halting at step 3: 2 consecutive steps .* config\.max_skipped_steps=2"
+  with pytest.raises(FloatingPointError, match=halt):
     train.train_and_evaluate(config, workdir)
-  assert max(common.losses(workdir)) == 3  # halted at the 2nd skipped step in a row.
-  assert latest_step(workdir) == 2  # the checkpoints before the halt; none at or after it.
-  variables, _ = export.restore_variables(workdir, config)
-  assert all_finite(variables)
+  assert all(s <= 3 for s in common.losses(workdir))  # nothing logged past the halt.
+  assert latest_step(workdir) == (2 if ckpt_steps == 1 else None)
+  if ckpt_steps == 1:
+    variables, _ = export.restore_variables(workdir, config)
+    assert all_finite(variables)
+
+
+@pytest.mark.slow
+def test_non_finite_parameters_are_never_saved(synthetic_dir, tmp_path):
+  """An infinite learning rate makes step 1's update non-finite while its loss is finite (so the guard lets it
+  through): the save of step 1 refuses, and no checkpoint exists."""
+  workdir = str(tmp_path / "run")
+  config = common.train_config(synthetic_dir, total_steps=2, ckpt_steps=1)
+  config.optim.base_lr = float("inf")
+  with pytest.raises(FloatingPointError, match="Refusing to checkpoint non-finite parameters at step 1"):
+    train.train_and_evaluate(config, workdir)
+  assert latest_step(workdir) is None
+
+
+@pytest.mark.slow
+def test_failed_save_keeps_the_previous_checkpoint_and_names_directory_and_error(synthetic_dir, tmp_path):
+  """The disk fills up during the save of step 4 (ENOSPC injected where orbax commits it): the run stops with a
+  message naming the directory and the error, and step 2 stays the latest checkpoint, from which a rerun resumes."""
+  workdir = str(tmp_path / "run")
+  config = common.train_config(synthetic_dir, total_steps=6, ckpt_steps=2, debug_save_fault="enospc:4")
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(train.SaveFailed, match=rf"Saving checkpoint 4 into {ckpt_dir} failed: .*No space left on device"
+                                             r".*latest complete checkpoint is step 2"):
+    train.train_and_evaluate(config, workdir)
+  assert latest_step(workdir) == 2
+  config.debug_save_fault = ""
+  train.train_and_evaluate(config, workdir)
+  assert latest_step(workdir) == 6
 
 
 @pytest.mark.parametrize("override, message", [

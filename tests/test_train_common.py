@@ -1,6 +1,7 @@
 """Shared set-up of the trainer tests (no tests here): the tiny training config, its command line, metrics.jsonl."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -52,12 +53,37 @@ def train_command(config, workdir: str, *extra: str) -> list:
   return [sys.executable, "-m", "mixreorg_jax.train", f"--workdir={workdir}", *config_flags(config), *extra]
 
 
-def start_training(config, workdir: str, *extra: str, log_name: str = "log.txt") -> subprocess.Popen:
-  """Starts the trainer as a process (stdout and stderr to workdir/log_name)."""
-  os.makedirs(workdir, exist_ok=True)
-  log = open(os.path.join(workdir, log_name), "w")
-  return subprocess.Popen(train_command(config, workdir, *extra), cwd=REPO, env=SUBPROCESS_ENV, stdout=log,
-                          stderr=subprocess.STDOUT)
+class Processes:
+  """The subprocesses one test starts; on exit, pass or fail, every one still running is SIGKILLed with its children.
+
+  Each process leads its own session (start_new_session), so killing its process group also ends what it started
+  (the trainers of a launch script).
+  """
+
+  def __init__(self):
+    self.started = []
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    for proc in self.started:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+  def start(self, args: list, log_path: str, env=None) -> subprocess.Popen:
+    """Starts `args` in the repository with stdout and stderr to log_path."""
+    with open(log_path, "w") as log:
+      proc = subprocess.Popen(args, cwd=REPO, env=env or SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    self.started.append(proc)
+    return proc
+
+  def train(self, config, workdir: str, *extra: str, log_name: str = "log.txt") -> subprocess.Popen:
+    """Starts the trainer as a process (stdout and stderr to workdir/log_name)."""
+    os.makedirs(workdir, exist_ok=True)
+    return self.start(train_command(config, workdir, *extra), os.path.join(workdir, log_name))
 
 
 def read_metrics(workdir: str) -> list:

@@ -2,12 +2,13 @@
 
   it = make_train_iterator(config.input)            # host-local numpy batches, b = batch_size / process_count
   batch = next(it)    # image f32 [b,S,S,3] (CLIP-normalised), text i32 [b,L], nouns i32 [b,M,L] if num_nouns > 0
-  it.skipped()        # {reason: count} of records dropped on this host so far (preprocess.REASONS)
+  it.skipped()        # {reason: count} of records dropped on this host so far (preprocess.REASONS); its
+                      # "corrupt_file" counts damaged TFRecord files, read up to the damage (logged with the path)
   it.save_state(p) / it.restore_state(p)            # exact mid-epoch resume (tf.data iterator checkpoint)
   make_global_batch(batch, sharding)                # -> global jax.Arrays, batch axis over the mesh
 
 Graph, per source (config.input.data_dir, or the weighted list config.input.datasets):
-  files (this host's share) -> shuffle + repeat -> interleave(TFRecordDataset) -> shuffle(input.shuffle_buffer)
+  files (this host's share) -> shuffle + repeat -> interleave(file_records) -> shuffle(input.shuffle_buffer)
 then: sample_from_datasets(weights) -> enumerate -> map(parse, validate, decode, crop, noun prompts)
   -> ignore_errors -> scan(skip counters) -> filter(ok) -> batch -> map(tokenize) -> prefetch.
 
@@ -22,6 +23,7 @@ import collections
 import os
 from typing import Any, Dict, Iterator, List, Optional
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
@@ -68,16 +70,42 @@ def count_records(files: List[str]) -> int:
 
 
 def _empty_fields():
-  return dict(image=tf.constant(b""), text=tf.constant(b""), nouns=tf.zeros([0], tf.string))
+  return dict(image=tf.constant(b""), text=tf.constant(b""), nouns=tf.zeros([0], tf.string), bad_file=tf.constant(""))
+
+
+# A TFRecord record on disk: 8-byte length, 4-byte CRC of the length, the data, 4-byte CRC of the data.
+RECORD_OVERHEAD_BYTES = 16
+
+
+def file_records(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+  """The serialized records of one TFRecord file of `size` bytes; a damaged file ends at the damage.
+
+  TFRecordDataset raises DataLossError at a truncated or corrupt record and then stops, and ignore_errors turns
+  that error into the file's end. The bytes read are summed: a file whose records fall short of its size was cut
+  there, and one extra element with bad_file = its path (and no record) reports it to the skip counters.
+  """
+  records = tf.data.TFRecordDataset(path).ignore_errors().map(lambda r: (r, False))
+  records = records.concatenate(tf.data.Dataset.from_tensors((tf.constant(b""), True)))  # the end marker
+
+  def account(total, element):
+    record, is_end = element
+    total += tf.cast(tf.strings.length(record), tf.int64) + tf.cast(~is_end, tf.int64) * RECORD_OVERHEAD_BYTES
+    damaged = is_end & tf.not_equal(total, size)
+    return total, (record, is_end, tf.where(damaged, path, ""))
+
+  records = records.scan(tf.constant(0, tf.int64), account)
+  records = records.filter(lambda record, is_end, bad_file: ~is_end | (tf.strings.length(bad_file) > 0))
+  return records.map(lambda record, is_end, bad_file: dict(serialized=record, **dict(_empty_fields(),
+                                                                                     bad_file=bad_file)))
 
 
 def _tfrecord_source(files: List[str], seed: int, cfg) -> tf.data.Dataset:
   """Raw serialized examples of some files, shuffled at the file and record level, repeated forever."""
-  ds = tf.data.Dataset.from_tensor_slices(files)
+  sizes = [tf.io.gfile.stat(f).length for f in files]  # one metadata call per file, once per run
+  ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64)))
   ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16), block_length=1,
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
-  return ds.map(lambda r: dict(serialized=r, **_empty_fields()))
+  return ds.interleave(file_records, cycle_length=min(len(files), 16), block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
 
 
 def _tfds_source(spec: Dict[str, Any], seed: int, process_index: int, process_count: int) -> tf.data.Dataset:
@@ -101,7 +129,7 @@ def _tfds_source(spec: Dict[str, Any], seed: int, process_index: int, process_co
     text = ex[text_key]
     text = tf.reshape(text, [-1])[0] if text.shape.rank else text
     nouns = tf.reshape(ex[nouns_key], [-1]) if nouns_key and nouns_key in ex else tf.zeros([0], tf.string)
-    return dict(serialized=tf.constant(b""), image=ex[image_key], text=text, nouns=nouns)
+    return dict(_empty_fields(), image=ex[image_key], text=text, nouns=nouns)
 
   return ds.map(to_fields).repeat()
 
@@ -154,10 +182,12 @@ def _process_fn(cfg, sources: List[Dict[str, Any]], seed: int):
                                  lambda: tf.switch_case(source, parsed) if len(parsed) > 1 else parsed[0](),
                                  lambda: (fields["image"], fields["text"], fields["nouns"]))
     reason, header, text = preprocess.validate_example(image, text, max_pixels=max_pixels)
+    bad_file = fields["bad_file"]
+    reason = tf.where(tf.strings.length(bad_file) > 0, preprocess.REASON_ID["corrupt_file"], reason)
     ex_seed = tf.stack([tf.constant(seed, tf.int64), index])
     seeds = tf.random.experimental.stateless_split(ex_seed, 2)
     ok = tf.equal(reason, 0)
-    out = dict(index=index, reason=reason, text=text)
+    out = dict(index=index, reason=reason, text=text, bad_file=bad_file)
     out["image"] = tf.cond(
         ok, lambda: preprocess.train_image(image, header, seeds[0], size, tuple(cfg.crop_scale), cfg.color_jitter,
                                            cfg.get("normalization", "clip")),
@@ -170,14 +200,21 @@ def _process_fn(cfg, sources: List[Dict[str, Any]], seed: int):
 
 
 def _count_skipped(state, element):
-  """scan step: running per-reason counts; a gap in the record index is a record dropped by ignore_errors."""
-  counts, expected = state
+  """scan step: running per-reason counts; a gap in the record index is a record dropped by ignore_errors.
+
+  The state also keeps the distinct paths of the damaged files seen ("\n"-joined), which the batches carry to
+  TrainIterator's log.
+  """
+  counts, expected, bad_files = state
   gap = element["index"] - expected
   counts = counts + tf.one_hot(preprocess.REASON_ID["decode_error"], len(preprocess.REASONS), dtype=tf.int64) * gap
   counts = counts + tf.one_hot(element["reason"], len(preprocess.REASONS), dtype=tf.int64) * tf.cast(
       element["reason"] > 0, tf.int64)
-  element = dict(element, skipped=counts)
-  return (counts, element["index"] + 1), element
+  path = element["bad_file"]
+  new = (tf.strings.length(path) > 0) & ~tf.reduce_any(tf.equal(tf.strings.split(bad_files, "\n"), path))
+  bad_files = tf.where(new, tf.strings.join([bad_files, path], "\n"), bad_files)
+  element = dict(element, skipped=counts, bad_files=bad_files)
+  return (counts, element["index"] + 1, bad_files), element
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -225,13 +262,14 @@ def make_train_dataset(cfg, tokenizer=None, process_index: Optional[int] = None,
   ds = ds.map(_process_fn(cfg, sources, seed=cfg.seed * 1_000_003 + process_index), num_parallel_calls=parallel,
               deterministic=True)
   ds = ds.ignore_errors()
-  init = (tf.zeros([len(preprocess.REASONS)], tf.int64), tf.constant(0, tf.int64))
+  init = (tf.zeros([len(preprocess.REASONS)], tf.int64), tf.constant(0, tf.int64), tf.constant(""))
   ds = ds.scan(init, _count_skipped)
   ds = ds.filter(lambda e: tf.equal(e["reason"], 0))
   ds = ds.batch(local_batch, drop_remainder=True)
 
   def finish(b):
-    out = dict(image=b["image"], text=tokenizer.tokenize(b["text"]), skipped=b["skipped"][-1])
+    out = dict(image=b["image"], text=tokenizer.tokenize(b["text"]), skipped=b["skipped"][-1],
+               bad_files=b["bad_files"][-1])
     if cfg.num_nouns:
       flat = tokenizer.tokenize(tf.reshape(b["prompts"], [-1]))  # [b*M, L]
       noun_length = cfg.get("noun_context_length", 0) or tokenizer.context_length  # noun prompts are short
@@ -255,6 +293,7 @@ class TrainIterator:
     self.dataset, self.tokenizer = dataset, tokenizer
     self._it = iter(dataset)
     self._counts = np.zeros(len(preprocess.REASONS), np.int64)
+    self._bad_files = set()
     self._counts_var = tf.Variable(self._counts)
     self._ckpt = tf.train.Checkpoint(iterator=self._it, skipped=self._counts_var)
 
@@ -264,10 +303,18 @@ class TrainIterator:
   def __next__(self) -> Dict[str, np.ndarray]:
     batch = next(self._it)
     self._counts = batch.pop("skipped").numpy()
+    for path in batch.pop("bad_files").numpy().decode().split("\n")[1:]:
+      if path not in self._bad_files:  # each damaged file is logged once; the counter counts every pass over it.
+        self._bad_files.add(path)
+        logging.warning("Skipped the rest of %s: the TFRecord file is truncated or corrupt from a record on; the "
+                        "records before it are used (counted in data/skipped_files).", path)
     return {k: v.numpy() for k, v in batch.items()}
 
   def skipped(self) -> Dict[str, int]:
-    """Records dropped on this host so far, by reason (sum over hosts for the global count)."""
+    """Records dropped on this host so far, by reason (sum over hosts for the global count).
+
+    "corrupt_file" counts files instead: damaged TFRecord files whose records after the damage were not read.
+    """
     return {r: int(c) for r, c in zip(preprocess.REASONS[1:], self._counts[1:])}
 
   def save_state(self, path: str) -> str:

@@ -23,7 +23,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what GroupViT's public weights were tra
 IMAGENET_STD = (0.229, 0.224, 0.225)  # (timm's DeiT transform; mmseg img_norm_cfg 123.675/58.395, ...).
 PIXEL_STATISTICS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 REASONS = ("ok", "empty_image", "unknown_format", "bad_header", "truncated", "too_small", "too_large",
-           "empty_caption", "bad_caption_utf8", "decode_error")
+           "empty_caption", "bad_caption_utf8", "decode_error", "corrupt_file")
+# "corrupt_file" counts files, not records: a TFRecord file cut short or damaged, read up to the damage.
 REASON_ID = {r: i for i, r in enumerate(REASONS)}
 FORMATS = ("unknown", "jpeg", "png", "gif", "webp", "bmp")
 MIN_IMAGE_SIDE = 4  # images smaller than this (e.g. 1x1 pixels) carry no content worth a crop.

@@ -12,6 +12,10 @@ on every call, and with 4 KiB pages the kernel maps and zeroes each of them agai
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (what `launch/local_cpu.sh` and the Makefile set) to back them with
 huge pages.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import os
 import resource
 import time
@@ -140,6 +144,7 @@ def huge_page_malloc() -> bool:
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("bench_step"))
   del argv
   config = FLAGS.config
   if FLAGS.batch_size:

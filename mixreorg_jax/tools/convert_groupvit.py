@@ -15,6 +15,10 @@ row per parameter of our model, naming the tensor(s) it comes from and how they 
 GroupViT-style checkpoint, read those tables and adapt one. A missing tensor, an unexpected tensor or a shape
 mismatch is an error that names the tensor.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import json
 import os
 from typing import Any, Dict, List, Mapping, Tuple
@@ -259,6 +263,7 @@ def define_flags() -> None:
 
 
 def main(argv: List[str]) -> None:
+  console.to_log_file(console.tool_log_path("convert_groupvit"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if bool(FLAGS.hf_dir) == bool(FLAGS.nvlabs_pth) or not FLAGS.output:

@@ -24,6 +24,10 @@ best class score is below min(t, the image's best pixel score), the protocol's r
 standing in for its crop's best group. At native-size protocols (one window, every group owning a pixel) that is
 the protocol exactly.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import dataclasses
 import json
 import os
@@ -269,6 +273,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("diagnose"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   diagnose_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.output_dir,

@@ -8,6 +8,10 @@ parameters and BatchNorm statistics of the latest (or --step) checkpoint are rea
 export needs neither the optimizer state nor the training mesh. The tokenizer block of the inference checkpoint
 comes from config.input.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import json
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -87,6 +91,7 @@ def export(workdir: str, output: str, step: Optional[int] = None,
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("export"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   export(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.config)

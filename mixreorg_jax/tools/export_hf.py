@@ -18,6 +18,10 @@ what ours does; then the export stops and says why, instead of writing a model t
   the same either way.
 The multi-label logit scale (a training-only parameter) has no place in transformers' GroupViT and is left out.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -204,6 +208,7 @@ def define_flags() -> None:
 
 
 def main(argv: List[str]) -> None:
+  console.to_log_file(console.tool_log_path("export_hf"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(export_hf(FLAGS.checkpoint, FLAGS.output, FLAGS.swap_eot_id))

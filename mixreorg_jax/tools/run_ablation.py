@@ -18,6 +18,10 @@ The table reports mean ± standard deviation over seeds (population std) of the 
 mIoU, image-level top-1 and groups per image, and two baselines computed with the same protocol: chance (random
 group assignment) and the untrained model.
 """
+from mixreorg_jax import console
+if __name__ == "__main__":
+  console.hold_native_output()  # before TF and XLA load: their native start-up banners go to the log file.
+
 import json
 import os
 import subprocess
@@ -191,6 +195,7 @@ def table(results: Dict[str, List[Dict[str, float]]]) -> str:
 
 
 def main(argv):
+  console.to_log_file(console.tool_log_path("run_ablation"))
   extra = [a for a in argv[1:] if a.startswith("--config.")]
   known = read_results(FLAGS.results)
   fingerprints = {v: config_fingerprint(v) for v in FLAGS.variants}
