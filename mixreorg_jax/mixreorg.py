@@ -13,6 +13,9 @@
 
 `forward` is applied as a method of the GroupViT module (`model.apply(..., method=forward)`), so it reads the
 architecture from the model and adds only the mixing. With `mixreorg=False` it is exactly GroupViT's step.
+It is `heads(towers(batch))`: `towers` is everything that is per example (steps 1-3 and the text tower, up to the
+projectors), `heads` the projectors and the losses over the whole batch (step 4). The micro-batched train step
+runs `towers` a micro-batch at a time and `heads` once (train_step.micro_batched_grads).
 """
 from typing import Any, Dict, Tuple
 

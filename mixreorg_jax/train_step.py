@@ -179,6 +179,19 @@ def abstract_state(config, model, tx) -> TrainState:
   return jax.eval_shape(lambda: init_state(config, model, tx, jax.random.key(0)))
 
 
+def sharded_abstract_state(abstract: TrainState, state_shardings) -> TrainState:
+  """The state's shapes and dtypes laid out per `state_shardings` (a restore target, or to compile against)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+
+
+def abstract_batch(config, mesh: Mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  """The global input batch of config.input.batch_size as shapes, split over the mesh (to compile against)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((config.input.batch_size,) + x.shape[1:], x.dtype,
+                                     sharding=sharding.batch_sharding(mesh)),
+      example_batch(config, 1))
+
+
 def jit_train_step(config, model, tx, schedule, mesh: Mesh, state_shardings) -> Callable:
   """The sharded step: state sharded per `state_shardings`, batch split over all devices, metrics replicated."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,

@@ -39,10 +39,12 @@ def _two_steps_on_mesh(config, data, fsdp, state, batch):
   return jax.device_get(metrics), gradients, update
 
 
-def _assert_same_steps(reference, runs):
+def _assert_same_steps(reference, runs, large_gradient_rtol=None):
   """The loss terms, gradients and update of each run equal those of `reference` on one device. -> its metrics.
 
   runs: {name: (config, data, fsdp)}, each stepped on a (data, fsdp) mesh from the same state and batch.
+  large_gradient_rtol: also compare the gradients within this relative tolerance where they are over a tenth of
+  the largest.
   """
   _, _, _, state = _setup(reference)
   batch = helpers.random_batch(reference)
@@ -66,6 +68,13 @@ def _assert_same_steps(reference, runs):
                  grads, ref_grads)
     jax.tree.map(lambda a, b, m: np.testing.assert_allclose(a[m], b[m], atol=1e-5, err_msg=f"update on {name}"),
                  update, ref_update, well_determined)
+    if large_gradient_rtol:
+      top = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+      large = jax.tree.map(lambda g: np.abs(g) > 0.1 * top, ref_grads)
+      assert sum(int(m.sum()) for m in jax.tree.leaves(large)) > 100
+      jax.tree.map(lambda a, b, m: np.testing.assert_allclose(a[m], b[m], rtol=large_gradient_rtol,
+                                                              err_msg=f"large gradient on {name}"),
+                   grads, ref_grads, large)
   return ref_metrics
 
 
@@ -104,7 +113,8 @@ def _assert_micro_batched_step_is_the_one_shot_step(overrides, micro_batch_sizes
   runs = {f"micro-batch {size} on {mesh}": (helpers.tiny_config(**MICRO_CONFIG, **overrides,
                                                                 **{"input.micro_batch_size": size}), *mesh)
           for mesh, size in micro_batch_sizes.items()}
-  return _assert_same_steps(reference, runs)
+  # Float32 sums in another order: the large gradients agree to ~2e-5 (one-shot meshes: tests above, 1e-3).
+  return _assert_same_steps(reference, runs, large_gradient_rtol=5e-5)
 
 
 @pytest.mark.slow
