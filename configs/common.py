@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 4096  # global, across all hosts; GroupViT#28/#42: 4096 is what reproduces.
+  # > 0: the towers run this many examples (over all devices) at a time, and the step is still exactly the one of
+  # the whole batch (gradient caching, train_step.micro_batched_grads); 0 = the whole batch at once.
+  c.input.micro_batch_size = 0
   c.input.image_size = 224
   c.input.data_dir = ""  # a TFRecord directory or glob; "" = the built-in synthetic data.
   c.input.synthetic_dir = "data/synthetic"

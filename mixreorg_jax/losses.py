@@ -106,9 +106,14 @@ def group_information(soft: jax.Array) -> jax.Array:
   in [0, log S]: log S when every token is sure of its group and the groups are used equally, 0 when all tokens
   share one assignment -- the collapse that leaves one segment per image. -> scalar.
   """
+  return group_information_per_image(soft).mean()
+
+
+def group_information_per_image(soft: jax.Array) -> jax.Array:
+  """The token-group mutual information of each image (see `group_information`). soft: [B, N, S] -> [B]."""
   soft = soft.astype(jnp.float32)
   entropy = lambda p: -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), axis=-1)  # noqa: E731
-  return (entropy(soft.mean(axis=1)) - entropy(soft).mean(axis=1)).mean()
+  return entropy(soft.mean(axis=1)) - entropy(soft).mean(axis=1)
 
 
 def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0,

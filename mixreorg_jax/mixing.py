@@ -12,6 +12,8 @@ from typing import NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 
+from mixreorg_jax import micro_batch
+
 
 class MixPermutation(NamedTuple):
   """Per-token source indices within a group, both int32 [G, K, N] with values in [0, K); K = shape[1]."""
@@ -42,7 +44,9 @@ def draw_permutation(key: jax.Array, batch_size: int, num_tokens: int, group_siz
   check_group_size(batch_size, group_size)
   groups = batch_size // group_size
   # argsort of i.i.d. uniforms is a uniformly random permutation: [G, N, K].
-  sigma = jnp.argsort(jax.random.uniform(key, (groups, num_tokens, group_size)), axis=-1).astype(jnp.int32)
+  # One row per group; when micro-batched, the one-shot step's rows of this micro-batch (micro_batch.draw).
+  uniform = micro_batch.draw(jax.random.uniform, key, (groups, num_tokens, group_size), unit=group_size)
+  sigma = jnp.argsort(uniform, axis=-1).astype(jnp.int32)
   inverse = jnp.argsort(sigma, axis=-1).astype(jnp.int32)
   return MixPermutation(jnp.transpose(sigma, (0, 2, 1)), jnp.transpose(inverse, (0, 2, 1)))  # [G, K, N]
 

@@ -13,8 +13,11 @@
 
 `forward` is applied as a method of the GroupViT module (`model.apply(..., method=forward)`), so it reads the
 architecture from the model and adds only the mixing. With `mixreorg=False` it is exactly GroupViT's step.
+It is `heads(towers(batch))`: `towers` is everything that is per example (steps 1-3 and the text tower, up to the
+projectors), `heads` the projectors and the losses over the whole batch (step 4). The micro-batched train step
+runs `towers` a micro-batch at a time and `heads` once (train_step.micro_batched_grads).
 """
-from typing import Dict, Optional
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -62,37 +65,74 @@ def _image_branches(model: groupvit.GroupViT, images, mix_config, mixreorg: bool
   return segments, assignments, src
 
 
+def towers(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_collections.ConfigDict,
+           train: bool = True) -> Tuple[Dict[str, Any], Dict[str, jax.Array]]:
+  """The image and text towers up to the projectors: everything of the step that is per example.
+
+  batch: image [B, H, W, 3], text [B, L], optional nouns [B, M, L]. Returns (features, labels). features, which
+  the loss is differentiated by: segments [R*B, G, C] (R = 3 with mixing: original, mixed, restored; else 1),
+  group_info (per grouping block, the token-group information of every image [R*B]), text [B, C_t], nouns
+  [B, M, C_t] with the multi-label loss, mixed_assignment [B, N, G] (the mixed images' patch-to-segment A) with
+  mixing. labels (integer): src [B, N] with mixing, noun_tokens [B, M, L] with the multi-label loss.
+  Needs rngs 'mix', 'gumbel' and 'dropout' in training.
+  """
+  mixreorg = config.model.mixreorg
+  b = batch["image"].shape[0]
+  segments, assignments, src = _image_branches(model, batch["image"], config.mix, mixreorg, train)
+  features = {"segments": segments,
+              "group_info": tuple(losses.group_information_per_image(a.soft) for a in assignments),
+              "text": model.text_features(batch["text"], train)}
+  labels = {}
+  if model.multi_label:
+    features["nouns"] = model.text_features(batch["nouns"], train)
+    labels["noun_tokens"] = batch["nouns"]
+  if mixreorg:
+    features["mixed_assignment"] = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])
+    labels["src"] = src
+  return features, labels
+
+
+def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, jax.Array],
+          config: ml_collections.ConfigDict, train: bool = True) -> Dict[str, jax.Array]:
+  """The projectors, logit scales and every loss, on the whole batch of `towers`' outputs. -> loss terms, metrics.
+
+  Needs mutable 'batch_stats' in training: the projectors' BatchNorm sees the statistics of the whole batch.
+  """
+  b = features["text"].shape[0]
+  segments = features["segments"]
+  image_emb, segment_emb = model.project_segments(segments[:b], train)  # only the original branch updates BN.
+  text_emb = model.project_text(features["text"], train)
+  scale = model.scale()
+  out = {"logit_scale": scale}
+  out["loss_orig"] = losses.contrastive_loss(image_emb, text_emb, scale)
+  if model.multi_label:
+    noun_emb = model.project_text(features["nouns"], train)  # [B, M, D]
+    ml_scale = model.scale("multi_label_logit_scale")
+    out["loss_multi_label"] = losses.multi_label_loss(image_emb, noun_emb, ml_scale)
+    out["loss_orig"] = out["loss_orig"] + out["loss_multi_label"]
+    out["multi_label_logit_scale"] = ml_scale
+    if config.loss.w_noun_seg:
+      out["loss_noun_seg"] = losses.noun_segment_loss(segment_emb, noun_emb, labels["noun_tokens"], ml_scale)
+  if config.model.mixreorg:
+    restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
+    out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)
+    _, mixed_segment_emb = model.project_segments(segments[b:2 * b], train, update_stats=False)
+    out["loss_seg"], out["seg_acc"] = losses.seg_loss(features["mixed_assignment"], mixed_segment_emb, text_emb,
+                                                      labels["src"], scale, config.mix.group_size,
+                                                      config.loss.seg_negatives)
+  # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
+  info = features["group_info"]
+  out["group_info"] = sum(i.mean() for i in info) / max(len(info), 1)
+  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info,
+                                  config.loss.w_noun_seg)
+  return out
+
+
 def forward(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_collections.ConfigDict,
             train: bool = True) -> Dict[str, jax.Array]:
   """Loss terms and metrics of one batch. batch: image [B, H, W, 3], text [B, L], optional nouns [B, M, L].
 
   Needs rngs 'mix', 'gumbel' and 'dropout' in training, and mutable 'batch_stats'.
   """
-  mixreorg = config.model.mixreorg
-  b = batch["image"].shape[0]
-  segments, assignments, src = _image_branches(model, batch["image"], config.mix, mixreorg, train)
-  image_emb, segment_emb = model.project_segments(segments[:b], train)  # only the original branch updates BN.
-  text_emb = model.encode_text(batch["text"], train)
-  scale = model.scale()
-  out = {"logit_scale": scale}
-  out["loss_orig"] = losses.contrastive_loss(image_emb, text_emb, scale)
-  if model.multi_label:
-    noun_emb = model.encode_text(batch["nouns"], train)  # [B, M, D]
-    ml_scale = model.scale("multi_label_logit_scale")
-    out["loss_multi_label"] = losses.multi_label_loss(image_emb, noun_emb, ml_scale)
-    out["loss_orig"] = out["loss_orig"] + out["loss_multi_label"]
-    out["multi_label_logit_scale"] = ml_scale
-    if config.loss.w_noun_seg:
-      out["loss_noun_seg"] = losses.noun_segment_loss(segment_emb, noun_emb, batch["nouns"], ml_scale)
-  if mixreorg:
-    restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
-    out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)
-    _, mixed_segment_emb = model.project_segments(segments[b:2 * b], train, update_stats=False)
-    assignment = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])  # [B, N, G]
-    out["loss_seg"], out["seg_acc"] = losses.seg_loss(assignment, mixed_segment_emb, text_emb, src, scale,
-                                                      config.mix.group_size, config.loss.seg_negatives)
-  # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
-  out["group_info"] = sum(losses.group_information(a.soft) for a in assignments) / max(len(assignments), 1)
-  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info,
-                                  config.loss.w_noun_seg)
-  return out
+  features, labels = towers(model, batch, config, train)
+  return heads(model, features, labels, config, train)

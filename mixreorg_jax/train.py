@@ -377,8 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = train_step.jit_init_state(config, model, tx, state_shardings)(jax.random.key(config.seed))
   else:
     # Restoring onto this run's shardings re-lays the arrays out for whatever mesh and device count it has.
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                          state_shardings)
+    target = train_step.sharded_abstract_state(abstract, state_shardings)
     state = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     path = input_state_path(workdir, latest)
     if os.path.exists(path + ".index"):
@@ -419,9 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   step_fn = train_step.jit_train_step(config, model, tx, schedule, mesh, state_shardings)
   setup_seconds = time.time() - t_start
   t0 = time.time()
-  compiled = step_fn.lower(state, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((config.input.batch_size,) + x.shape[1:], x.dtype, sharding=batch_sharding),
-      train_step.example_batch(config, 1))).compile()
+  compiled = step_fn.lower(state, train_step.abstract_batch(config, mesh)).compile()
   compile_seconds = time.time() - t0
   logging.info("Set-up (data, init, restore) %.1f s; compiled the train step in %.1f s", setup_seconds,
                compile_seconds)

@@ -1,18 +1,23 @@
-"""The trainer as a program: config typos, SIGKILL mid-save, SIGTERM, and two processes over gloo on 127.0.0.1."""
+"""The trainer as a program: config typos, SIGKILL mid-save, SIGTERM, and two processes over gloo on 127.0.0.1;
+the micro-batched step over two processes."""
+import json
 import os
 import re
 import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from mixreorg_jax import train
 from mixreorg_jax.tools import export
+from tests import step_worker
 from tests import test_train_common as common
 
 
@@ -167,3 +172,27 @@ def test_two_processes_preempted_then_peer_lost_resume_exactly(synthetic_dir, tm
   print(f"peer loss to exit: {seconds:.1f} s; max |loss - uninterrupted|: "
         f"{max(abs(got[s] - want[s]) for s in want):.2e}")
   np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_micro_batched_give_the_losses_of_one_process(tmp_path, processes):
+  """2 processes x 2 CPU devices (gloo) on a data=2, fsdp=2 mesh, micro-batched (2 micro-batches of 8, 2 examples
+  per device): every loss term of 3 steps is that of the one-shot step in one process on one device."""
+  overrides = {"input.micro_batch_size": 8, "mesh.data": 2, "mesh.fsdp": 2, "model.multi_label": True,
+               "input.num_nouns": 3, "model.vision.drop_path_rate": 0.2, "optim.base_lr": 1e-2,
+               "optim.base_batch_size": 16}
+  out = str(tmp_path / "metrics.npz")
+  address = f"127.0.0.1:{free_port()}"
+  procs = [processes.start([sys.executable, "-m", "tests.step_worker", address, "2", str(i), out,
+                            json.dumps(overrides)], str(tmp_path / f"process_{i}.txt")) for i in range(2)]
+  reference = step_worker.steps_on_fixed_batch(
+      common.helpers.tiny_config(**{**overrides, "input.micro_batch_size": 0, "mesh.data": 1, "mesh.fsdp": 1}),
+      jax.devices()[:1])
+  assert [p.wait(timeout=900) for p in procs] == [0, 0], (tmp_path / "process_0.txt").read_text()[-3000:]
+  two_processes = dict(np.load(out))
+  keys = [f"step{i}/{k}" for i in range(step_worker.STEPS)
+          for k in ("loss", "loss_orig", "loss_rest", "loss_seg", "loss_multi_label", "group_info", "grad_norm")]
+  assert set(keys) <= set(two_processes) and reference["step0/grad_norm"] > 0
+  assert reference["step2/loss"] != reference["step1/loss"]  # step 1 (learning rate > 0) changed the parameters.
+  for key in keys:
+    np.testing.assert_allclose(two_processes[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)

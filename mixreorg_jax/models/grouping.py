@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixreorg_jax import micro_batch
 from mixreorg_jax.models import layers
 
 Dtype = Any
@@ -37,7 +38,9 @@ def assignment_probs(logits: jax.Array, axis: int, *, hard: bool, gumbel_rng: Op
   """
   logits = logits.astype(jnp.float32)
   if gumbel_rng is not None:
-    logits = (logits + jax.random.gumbel(gumbel_rng, logits.shape, jnp.float32)) / tau
+    # As the one-shot step's noise when micro-batched (micro_batch.draw).
+    noise = micro_batch.draw(lambda k, shape: jax.random.gumbel(k, shape, jnp.float32), gumbel_rng, logits.shape)
+    logits = (logits + noise) / tau
   y_soft = jax.nn.softmax(logits, axis=axis)
   return straight_through_one_hot(y_soft, axis) if hard else y_soft
 

@@ -144,9 +144,18 @@ class GroupViT(nn.Module):
 
   def encode_text(self, tokens, train: bool = False) -> jax.Array:
     """tokens int32 [..., L] -> [..., D], L2-normalised."""
+    return self.project_text(self.text_features(tokens, train), train)
+
+  def text_features(self, tokens, train: bool = False) -> jax.Array:
+    """The text tower before its projector: tokens int32 [..., L] -> pooled features [..., C]."""
     lead = tokens.shape[:-1]
-    feats = self.text_model(tokens.reshape(-1, tokens.shape[-1]), train)
-    return l2_normalize(self.text_projection(feats, train)).reshape(lead + (-1,))
+    return self.text_model(tokens.reshape(-1, tokens.shape[-1]), train).reshape(lead + (-1,))
+
+  def project_text(self, features, train: bool = False) -> jax.Array:
+    """Text features [..., C] -> embeddings [..., D], L2-normalised; BatchNorm over all leading axes."""
+    lead = features.shape[:-1]
+    flat = features.reshape(-1, features.shape[-1])
+    return l2_normalize(self.text_projection(flat, train)).reshape(lead + (-1,))
 
   def __call__(self, images, tokens, train: bool = False):
     """-> (image ImageEncoding, text embeddings [B, D], logits_per_image [B, B])."""

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixreorg_jax import micro_batch
+
 Dtype = Any
 
 DENSE_INIT = nn.initializers.truncated_normal(stddev=0.02)
@@ -104,7 +106,9 @@ def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: Optional[jax.
   if deterministic or rate == 0.0:
     return x
   keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  # As the one-shot step's mask when micro-batched (micro_batch.draw).
+  mask = micro_batch.draw(lambda k, shape: jax.random.bernoulli(k, keep, shape), rng,
+                          (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 

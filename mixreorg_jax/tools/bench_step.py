@@ -143,13 +143,19 @@ def huge_page_malloc() -> bool:
   return HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
 
 
-def main(argv):
-  console.to_log_file(console.tool_log_path("bench_step"))
-  del argv
+def flag_config() -> ml_collections.ConfigDict:
+  """--config with --batch_size applied, on a data-parallel mesh of every device (what the benchmarks step)."""
   config = FLAGS.config
   if FLAGS.batch_size:
     config.input.batch_size = FLAGS.batch_size
   config.mesh.data, config.mesh.fsdp = -1, 1
+  return config
+
+
+def main(argv):
+  console.to_log_file(console.tool_log_path("bench_step"))
+  del argv
+  config = flag_config()
   fns, flops, compile_s = {}, {}, {}
   fns["matmul"], flops["matmul"] = matmul_step()
   for name, mixreorg in (("GroupViT", False), ("MixReorg", True)):
