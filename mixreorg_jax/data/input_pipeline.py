@@ -129,7 +129,7 @@ def _tfds_source(spec: Dict[str, Any], seed: int, process_index: int, process_co
     text = ex[text_key]
     text = tf.reshape(text, [-1])[0] if text.shape.rank else text
     nouns = tf.reshape(ex[nouns_key], [-1]) if nouns_key and nouns_key in ex else tf.zeros([0], tf.string)
-    return dict(_empty_fields(), image=ex[image_key], text=text, nouns=nouns)
+    return dict(_empty_fields(), serialized=tf.constant(b""), image=ex[image_key], text=text, nouns=nouns)
 
   return ds.map(to_fields).repeat()
 
