@@ -92,7 +92,6 @@ class Diagnosis:
 
   def __init__(self, class_names: Sequence[str], thresholds: Sequence[float], protocol_threshold: float):
     self.class_names = tuple(class_names)
-    self.thresholds = tuple(float(t) for t in thresholds)
     self.protocol_threshold = float(protocol_threshold)
     c = len(class_names)
     self.confusion = np.zeros((c, c), np.int64)  # at the protocol's threshold
@@ -126,7 +125,7 @@ class Diagnosis:
         "object_groups_named_right": 100.0 * self.named_right / max(self.object_groups, 1),
         "background_false_positive_rate": 100.0 * background[1:].sum() / max(background.sum(), 1),
         "bg_threshold": self.protocol_threshold,
-        "thresholds": list(self.thresholds),
+        "thresholds": list(self.sweep.thresholds),
         "mIoU_by_threshold": curve,
         "best_threshold": best["threshold"] if curve else None,
         "best_threshold_mIoU": best["mIoU"] if curve else None,
