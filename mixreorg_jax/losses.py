@@ -64,6 +64,28 @@ def noun_segment_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: 
   return (jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(positive, axis=-1)).mean()
 
 
+def segment_noun_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: jax.Array,
+                      scale: jax.Array) -> jax.Array:
+  """Not in the paper: each image's segments must name its own nouns, against every other noun of the batch.
+
+  The other direction of `noun_segment_loss`, over prompts instead of images. segment_emb: [B, G, D]; noun_emb:
+  [B, M, D] normalised prompts; noun_tokens: int [B, M, L]; scale: scalar. With a[u, j] = max_g cos(s_{j,g}, n_u)
+  the best segment of image j for prompt u (u over the B*M prompts of the batch), each own prompt (j, m) of image
+  j is the target of a softmax of scale * a[., j] over the batch's *distinct* prompts (a prompt that occurs c
+  times enters the normaliser once, by weight 1/c). Nouns absent from an image are its negatives, so no segment
+  of an image may be nearer an absent noun than its own nouns -- which is how zero-shot segmentation names
+  segments: a softmax over class prompts. -> scalar.
+  """
+  b, m, _ = noun_emb.shape
+  prompts = noun_emb.reshape(b * m, -1)
+  logits = scale * jnp.einsum("jgd,ud->jug", segment_emb, prompts).max(axis=-1)  # [B, B*M]
+  flat = noun_tokens.reshape(b * m, -1)
+  copies = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).sum(axis=-1)  # [B*M]: occurrences of each prompt
+  normaliser = jax.nn.logsumexp(logits - jnp.log(copies.astype(logits.dtype)), axis=-1)  # [B]
+  own = jnp.take_along_axis(logits, jnp.arange(b * m).reshape(b, m), axis=1)  # [B, M]: a[(j, m), j]
+  return (normaliser[:, None] - own).mean()
+
+
 SEG_NEGATIVES = ("group", "batch")
 
 
@@ -117,8 +139,9 @@ def group_information_per_image(soft: jax.Array) -> jax.Array:
 
 
 def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0,
-               w_noun_seg: float = 0.0) -> jax.Array:
-  """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group + w_noun_seg * L_noun_seg (missing
-  terms count as 0)."""
+               w_noun_seg: float = 0.0, w_segment_nouns: float = 0.0) -> jax.Array:
+  """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group + w_noun_seg * L_noun_seg
+  + w_segment_nouns * L_segment_nouns (missing terms count as 0)."""
   return (terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)
-          - w_group_info * terms.get("group_info", 0.0) + w_noun_seg * terms.get("loss_noun_seg", 0.0))
+          - w_group_info * terms.get("group_info", 0.0) + w_noun_seg * terms.get("loss_noun_seg", 0.0)
+          + w_segment_nouns * terms.get("loss_segment_nouns", 0.0))

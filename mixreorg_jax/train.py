@@ -215,8 +215,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      f"config.model.text.context_length={config.model.text.context_length}.")
   if config.model.multi_label and not config.input.num_nouns:
     raise ValueError("config.model.multi_label=True needs config.input.num_nouns > 0.")
-  if config.loss.w_noun_seg and not config.model.multi_label:
-    raise ValueError("config.loss.w_noun_seg needs the noun prompts of config.model.multi_label=True.")
+  for key in ("w_noun_seg", "w_segment_nouns"):
+    if config.loss[key] and not config.model.multi_label:
+      raise ValueError(f"config.loss.{key} needs the noun prompts of config.model.multi_label=True.")
   tokenizer = tokenizers.make_tokenizer(config.input)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="

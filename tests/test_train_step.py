@@ -94,10 +94,11 @@ def test_same_loss_gradients_and_update_on_one_device_data8_and_fsdp():
 @pytest.mark.slow
 def test_multi_label_and_noun_segment_step_is_the_same_on_every_mesh():
   config = helpers.tiny_config(**MESH_CONFIG, **{"model.multi_label": True, "input.num_nouns": 3,
-                                                  "loss.w_noun_seg": 1.0, "loss.seg_negatives": "batch"})
+                                                  "loss.w_noun_seg": 1.0, "loss.w_segment_nouns": 1.0,
+                                                  "loss.seg_negatives": "batch"})
   metrics = _assert_same_step_on_meshes(config, meshes=((4, 2),))
   assert metrics["loss_multi_label"] > 0.5 * np.log(config.input.batch_size)
-  assert metrics["loss_noun_seg"] > 0.1
+  assert metrics["loss_noun_seg"] > 0.1 and metrics["loss_segment_nouns"] > 0.1
   assert metrics["multi_label_logit_scale"] == pytest.approx(np.exp(config.model.logit_scale_init), rel=1e-5)
 
 
@@ -290,13 +291,18 @@ def test_seg_loss_rejects_unknown_negatives():
                     1.0, 2, "everything")
 
 
-def test_noun_segment_loss_matches_a_written_out_computation():
-  rng = np.random.default_rng(1)
-  b, g, m, d, length = 5, 3, 2, 6, 4
+def _segments_and_prompts(seed, b, g, m, d=6, length=4):
+  """Random unit segment embeddings [b, g, d], prompt embeddings [b, m, d] and prompt tokens [b, m, length]."""
+  rng = np.random.default_rng(seed)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   segments = unit(rng.normal(size=(b, g, d))).astype(np.float32)
   nouns = unit(rng.normal(size=(b, m, d))).astype(np.float32)
-  tokens = rng.integers(0, 50, (b, m, length))
+  return segments, nouns, rng.integers(0, 50, (b, m, length))
+
+
+def test_noun_segment_loss_matches_a_written_out_computation():
+  b, g, m = 5, 3, 2
+  segments, nouns, tokens = _segments_and_prompts(1, b, g, m)
   tokens[3, 1] = tokens[0, 0]  # images 0 and 3 share a noun: a second positive for both prompts
   scale = 6.0
   losses_ = []
@@ -307,4 +313,20 @@ def test_noun_segment_loss_matches_a_written_out_computation():
       assert i in positives and (len(positives) == 2) == ((i, k) in ((0, 0), (3, 1)))
       losses_.append(np.log(np.exp(logits).sum()) - np.log(np.exp(logits[positives]).sum()))
   ours = losses.noun_segment_loss(jnp.asarray(segments), jnp.asarray(nouns), jnp.asarray(tokens), jnp.float32(scale))
+  np.testing.assert_allclose(ours, np.mean(losses_), rtol=1e-5)
+
+
+def test_segment_noun_loss_matches_a_written_out_computation():
+  b, g, m = 4, 3, 2
+  segments, nouns, tokens = _segments_and_prompts(2, b, g, m)
+  tokens[2, 0] = tokens[0, 1]  # one prompt twice: it must enter each image's normaliser once
+  nouns[2, 0] = nouns[0, 1]
+  scale = 5.0
+  distinct = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (3, 0), (3, 1)]  # (2, 0) is a copy of (0, 1)
+  losses_ = []
+  for j in range(b):
+    best = lambda i, k: scale * max(segments[j, h] @ nouns[i, k] for h in range(g))  # noqa: E731
+    normaliser = np.log(sum(np.exp(best(i, k)) for i, k in distinct))
+    losses_.extend(normaliser - best(j, k) for k in range(m))
+  ours = losses.segment_noun_loss(jnp.asarray(segments), jnp.asarray(nouns), jnp.asarray(tokens), jnp.float32(scale))
   np.testing.assert_allclose(ours, np.mean(losses_), rtol=1e-5)
