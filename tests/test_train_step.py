@@ -52,8 +52,8 @@ def _assert_same_steps(reference, runs, large_gradient_rtol=None):
   results = {name: _two_steps_on_mesh(config, data, fsdp, state, batch)
              for name, (config, data, fsdp) in runs.items()}
   assert np.isfinite(ref_metrics["loss"]) and ref_metrics["grad_norm"] > 0
-  keys = [k for k in ("loss", "loss_orig", "loss_rest", "loss_seg", "loss_multi_label", "loss_noun_seg", "grad_norm",
-                      "group_info", "seg_acc") if k in ref_metrics]
+  keys = [k for k in ("loss", "loss_orig", "loss_rest", "loss_seg", "loss_multi_label", "loss_noun_seg",
+                      "loss_segment_nouns", "grad_norm", "group_info", "seg_acc") if k in ref_metrics]
   # Adam turns float noise on gradients that are 0 in theory (biases before a LayerNorm) into +-lr steps, so
   # updates are compared where the gradient is well above that noise. There they are about lr = 2e-3, 200x the
   # tolerance, so a missing, halved or sign-flipped update fails.
@@ -104,8 +104,8 @@ def test_multi_label_and_noun_segment_step_is_the_same_on_every_mesh():
 
 # Every loss term on, drop-path on (GroupViT's 0.1 at full depth), so that every random stream is exercised.
 MICRO_CONFIG = {**MESH_CONFIG, "model.multi_label": True, "input.num_nouns": 3, "loss.w_noun_seg": 1.0,
-                "loss.w_group_info": 0.5, "model.vision.drop_path_rate": 0.2, "input.batch_size": 32,
-                "optim.base_batch_size": 32}
+                "loss.w_segment_nouns": 1.0, "loss.w_group_info": 0.5, "model.vision.drop_path_rate": 0.2,
+                "input.batch_size": 32, "optim.base_batch_size": 32}
 
 
 def _assert_micro_batched_step_is_the_one_shot_step(overrides, micro_batch_sizes):
