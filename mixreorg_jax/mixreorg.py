@@ -25,6 +25,7 @@ import ml_collections
 
 from mixreorg_jax import losses
 from mixreorg_jax import mixing
+from mixreorg_jax.models import grouping
 from mixreorg_jax.models import groupvit
 
 
@@ -87,7 +88,7 @@ def towers(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_col
     features["nouns"] = model.text_features(batch["nouns"], train)
     labels["noun_tokens"] = batch["nouns"]
   if mixreorg:
-    features["mixed_assignment"] = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])
+    features["mixed_assignment"] = grouping.patch_to_segment([a.hard[b:2 * b] for a in assignments])
     labels["src"] = src
   return features, labels
 

@@ -27,6 +27,7 @@ from mixreorg_jax import inference
 from mixreorg_jax import visualize
 from mixreorg_jax import zeroshot
 from mixreorg_jax.data import seg_datasets
+from mixreorg_jax.data import tokenizers
 
 BACKGROUND = "background"
 
@@ -54,7 +55,7 @@ def segment_image(model: inference.InferenceModel, image: np.ndarray, class_name
     raise ValueError(f"segment_image: expected an RGB image [H, W, 3], got shape {image.shape}.")
   class_names = tuple(class_names or ())
   if class_names:
-    tokenizer = tokenizer or zeroshot.checkpoint_tokenizer(model.tokenizer)
+    tokenizer = tokenizer or tokenizers.checkpoint_tokenizer(model.tokenizer)
     class_emb = zeroshot.class_embeddings(model.encode_text, tokenizer, class_names, templates)
     names = ((BACKGROUND,) if protocol.with_background else ()) + class_names
   else:  # the groups do not depend on the classes: one placeholder class, no text tower needed.

@@ -25,6 +25,8 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mixreorg_jax import visualize
+
 CLASS_NAMES = ("background", "circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent")
 # One colour family per class (RGB centre; each object jitters it), so colour and shape agree as in real data.
 CLASS_COLOURS = {
@@ -44,21 +46,6 @@ ADJECTIVES = ("nice", "small", "bright", "old", "colourful", "quick", "lovely", 
 TEXTURE_WORDS = ("striped", "checkered", "dotted", "noisy")
 SPLIT_STREAMS = {"train": 0, "voc_val": 1, "voc": 2}  # independent random streams per split.
 NUM_TRAIN_SHARDS = 8
-
-
-def voc_palette() -> list:
-  """The PASCAL VOC colour map as a flat 768-long PIL palette (index 255 = ignore, drawn white)."""
-  palette = np.zeros((256, 3), np.uint8)
-  for i in range(256):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette[i] = (r, g, b)
-  palette[255] = (255, 255, 255)
-  return palette.reshape(-1).tolist()
 
 
 def _texture(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, str]:
@@ -204,7 +191,6 @@ def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, sp
   rng = _rng(seed, split)
   for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
     os.makedirs(os.path.join(root, sub), exist_ok=True)
-  palette = voc_palette()
   ids = []
   for i in range(num_examples):
     image, label, _, _ = render_example(rng, image_size)
@@ -212,9 +198,7 @@ def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, sp
     ids.append(name)
     with open(os.path.join(root, "JPEGImages", name + ".jpg"), "wb") as f:
       f.write(_jpeg(image, quality=95))
-    png = Image.fromarray(label, mode="P")
-    png.putpalette(palette)
-    png.save(os.path.join(root, "SegmentationClass", name + ".png"))
+    visualize.save_label_png(os.path.join(root, "SegmentationClass", name + ".png"), label)
   with open(os.path.join(root, "ImageSets/Segmentation/val.txt"), "w") as f:
     f.write("\n".join(ids) + "\n")
   with open(os.path.join(root, "class_names.txt"), "w") as f:

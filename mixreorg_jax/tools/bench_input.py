@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mixreorg_jax.data import input_pipeline, preprocess, synthetic
+from mixreorg_jax.data import input_pipeline, pixels, preprocess, synthetic
 
 
 def _write_shard(path: str, num: int, size: int) -> list:
@@ -39,7 +39,7 @@ def _write_shard(path: str, num: int, size: int) -> list:
 def pil_loader(jpegs: list, image_size: int, scale=(0.08, 1.0), seed: int = 0):
   """Yields CLIP-normalised float32 [S, S, 3] images the plain way (PIL decode, numpy maths)."""
   rng = np.random.default_rng(seed)
-  mean, std = np.array(preprocess.CLIP_MEAN, np.float32), np.array(preprocess.CLIP_STD, np.float32)
+  mean, std = np.array(pixels.CLIP_MEAN, np.float32), np.array(pixels.CLIP_STD, np.float32)
   for data in jpegs:
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
