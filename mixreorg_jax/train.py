@@ -49,13 +49,18 @@ from mixreorg_jax import visualize
 from mixreorg_jax import workdir as workdir_lib
 from mixreorg_jax.models import groupvit
 
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the device; enough to overlap input with compute.
 
@@ -477,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if preempted:
           raise Preempted(f"Stopped by a signal or preemption notice at step {step}; checkpoint written to "
                           f"{ckpt_dir}.")
-        if evaluations.due(step):
+        if evaluations.due(step) and step < config.total_steps:  # the last step's are the final evaluation.
           writer.write_scalars(step, evaluations.run(variables(state), step, final=False))
     finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
   except jax.errors.JaxRuntimeError as e:
@@ -557,6 +562,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  define_flags()
   jax.config.config_with_absl()
   app.run(main)

@@ -16,12 +16,13 @@ name the objects through varied templates with distractor words, so a tiny model
 words in a few minutes on a CPU. The train split, the tuning split (voc_val) and the held-out split (voc) use
 separate random streams of the same seed.
 """
-import argparse
 import io
 import json
 import os
 from typing import Tuple
 
+from absl import app
+from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -238,17 +239,23 @@ def sample_captions(num: int, seed: int = 0) -> list:
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--num_train", type=int, default=8000)
-  parser.add_argument("--num_val", type=int, default=200, help="images in DIR/voc_val (for tuning)")
-  parser.add_argument("--num_test", type=int, default=500, help="images in DIR/voc (held out)")
-  parser.add_argument("--image_size", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--spm_out", default="", help="instead: fit the SentencePiece model to this prefix")
-  parser.add_argument("--spm_vocab_size", type=int, default=256)
-  a = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("num_train", 8000, "Training examples.")
+  flags.DEFINE_integer("num_val", 200, "Images in DIR/voc_val (for tuning).")
+  flags.DEFINE_integer("num_test", 500, "Images in DIR/voc (held out).")
+  flags.DEFINE_integer("image_size", 64, "Image size.")
+  flags.DEFINE_integer("seed", 0, "Seed of every split's random stream.")
+  flags.DEFINE_string("spm_out", "", "Instead: fit the SentencePiece model to this prefix.")
+  flags.DEFINE_integer("spm_vocab_size", 256, "Vocabulary size of --spm_out.")
+  flags.mark_flag_as_required("out")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  a = flags.FLAGS
   if a.spm_out:
     from mixreorg_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
     path = tokenizers.train_sentencepiece(sample_captions(20000, a.seed), a.spm_out, a.spm_vocab_size)
@@ -259,4 +266,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)
