@@ -343,6 +343,11 @@ def check_evals(config: ml_collections.ConfigDict) -> None:
     if source and evals[source].bg_threshold_from:
       raise ValueError(f"config.evals.{name}.bg_threshold_from={source!r}: that evaluation takes its threshold "
                        "from another one; chains are not supported.")
+    if not config.evals[name].data.root and not os.path.isdir(eval_config.data.root):
+      raise FileNotFoundError(
+          f"config.evals.{name}.synthetic={eval_config.synthetic!r}: {eval_config.data.root} does not exist; "
+          f"generate it (python -m mixreorg_jax.data.synthetic --out={config.input.synthetic_dir}), give "
+          f"config.evals.{name}.data.root, or turn the evaluation off with config.evals.{name}.synthetic=''.")
     check_eval_config(eval_config, f"config.evals.{name}")
 
 

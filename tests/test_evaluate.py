@@ -157,6 +157,10 @@ def test_evaluations_are_on_with_data_and_checked_before_anything_runs(tmp_path)
   config.evals.tuning.data.root = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"config\.evals\.tuning\.data\.root"):
     evaluator.check_evals(config)
+  config.evals.tuning.data.root, config.evals.tuning.synthetic = "", "voc_val"
+  config.input.synthetic_dir = str(tmp_path / "not_generated")
+  with pytest.raises(FileNotFoundError, match=r"config\.evals\.(heldout|tuning)\.synthetic="):
+    evaluator.check_evals(config)
   config.lock()
   with pytest.raises(AttributeError, match="every_steps"):  # a typo in an eval key.
     config.evals.tuning.evry_steps = 5
