@@ -30,7 +30,6 @@ from ml_collections import config_flags
 from mixreorg_jax import evaluator as evaluator_lib
 from mixreorg_jax import inference
 from mixreorg_jax import seg_metrics
-from mixreorg_jax.data import seg_datasets
 from mixreorg_jax.data import tokenizers
 
 
@@ -66,7 +65,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   def report(evaluator: evaluator_lib.Evaluator) -> None:
     c, summary = evaluator.config, evaluator.summary
     summaries.append(summary)
-    class_names = seg_datasets.prompt_class_names(c, seg_datasets.from_config(c))
+    class_names = list(summary["per_class_iou"])  # the dataset's, in label-id order.
     print(f"--- {evaluator.name}\n{evaluator_lib.protocol_text(c, class_names)}", flush=True)
     print(seg_metrics.format_table(summary), flush=True)
     print(f"{summary['num_images']} images, {summary['images_per_sec']:.2f} images/s, "

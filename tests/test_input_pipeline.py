@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mixreorg_jax.data import input_pipeline, preprocess, synthetic
+from mixreorg_jax.data import input_pipeline, pixels, preprocess, synthetic
 
 # Distinct captions made of words the shipped SentencePiece model knows (digits would all become unk).
 CAPTIONS = [f"a {colour} {shape}" for shape, (colour, _) in synthetic.CLASS_COLOURS.items()
