@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
       base_lr=1.6e-3, base_batch_size=4096,  # lr = base_lr * batch_size / base_batch_size (GroupViT).
       min_lr=4e-5, warmup_steps=1000, weight_decay=0.05, clip_norm=5.0, b1=0.9, b2=0.999, eps=1e-8))
 
-  # Periodic zero-shot evaluation: a config file from configs/eval/ and its overrides.
-  c.eval = ml_collections.ConfigDict(dict(config="", every_steps=0, data_root="", max_images=0))
+  # Zero-shot evaluations by name, each an eval config (configs/eval/*.py) with its period: logged as
+  # eval/<name>/..., outputs in WORKDIR/eval/<name>/. An evaluation is on when it has data (data.root or synthetic).
+  c.evals = ml_collections.ConfigDict()
   return c

@@ -8,6 +8,7 @@ segmentations and a training-curve plot into the workdir. Variants: `--config=co
 baseline) and `:no_context`, `:no_progressive`, `:no_restore`, `:k4` (the ablations of tools/run_ablation.py).
 """
 from configs import common
+from configs.eval import synthetic as synthetic_eval
 
 VARIANTS = {
     "mixreorg": {},
@@ -83,8 +84,18 @@ def get_config(arg=None):
   c.optim.min_lr = 1e-5
   c.optim.warmup_steps = 50
 
-  c.eval.config = "configs/eval/synthetic.py"
-  c.eval.every_steps = 0  # evaluated once at the end (eval.every_steps > 0 adds periodic runs).
+  # Zero-shot segmentation of the synthetic sets, at the end of training (every_steps > 0 adds periodic runs):
+  # choices are made on `tuning` (voc_val), never on the held-out `heldout` (voc), which is also reported at the
+  # background threshold that is best on voc_val, with the chance and untrained baselines.
+  c.evals.tuning = synthetic_eval.get_config()
+  c.evals.tuning.synthetic = "voc_val"
+  c.evals.tuning.sweep_bg_thresholds = True
+  c.evals.tuning.num_visualizations = 0
+  c.evals.heldout = synthetic_eval.get_config()
+  c.evals.heldout.synthetic = "voc"
+  c.evals.heldout.bg_threshold_from = "tuning"
+  c.evals.heldout.baselines = True
+  c.evals.heldout.image_recognition = True
   for key, value in VARIANTS[variant].items():
     section, name = key.split(".")
     c[section][name] = value

@@ -5,9 +5,11 @@
 
 Run it on a TPU pod with launch/tpu_pod.sh, or on GPU hosts with launch/slurm.sh. The MixReorg paper reports
 +5.0 / +6.2 / +2.5 / +3.4 mIoU over GroupViT on PASCAL VOC / PASCAL Context / COCO-Object / ADE20K with this
-model and data (arXiv 2308.04829).
+model and data (arXiv 2308.04829). Add `--config.evals.<voc|context|coco_object|ade20k>.data.root=PATH` for the
+zero-shot evaluations during training.
 """
 from configs import common
+from configs.eval import ade20k, coco_object, context, voc
 
 # GCC3M + GCC12M + YFCC14M: about 26 M image-text pairs (GroupViT's data after filtering).
 NUM_EXAMPLES = 26_000_000
@@ -23,6 +25,9 @@ def get_config(arg=None):
   c.ckpt_steps = 2000
   c.log_steps = 100
   c.model.mixreorg = True
-  c.eval.config = "configs/eval/voc.py"
-  c.eval.every_steps = steps_per_epoch
+  # The four benchmarks of the paper, every epoch; each is off until its data root is given, e.g.
+  # --config.evals.voc.data.root=/data (configs/eval/<name>.py documents each layout).
+  for name, eval_config in (("voc", voc), ("context", context), ("coco_object", coco_object), ("ade20k", ade20k)):
+    c.evals[name] = eval_config.get_config()
+    c.evals[name].every_steps = steps_per_epoch
   return c

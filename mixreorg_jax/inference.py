@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from mixreorg_jax import checkpoint_io
-from mixreorg_jax import losses
+from mixreorg_jax.models import grouping
 from mixreorg_jax.models import groupvit
 
 
@@ -42,7 +42,7 @@ class InferenceModel:
   def _image_outputs(self, variables, images):
     """-> (embedding [B, D], segment embeddings [B, G, D], soft patch-to-segment assignment [B, N, G])."""
     enc = self.model.apply(variables, images, method=groupvit.GroupViT.encode_image)
-    soft = losses.patch_to_segment([a.soft for a in enc.assignments])
+    soft = grouping.patch_to_segment([a.soft for a in enc.assignments])
     return enc.embedding, enc.segment_embeddings, soft
 
   def encode_image(self, images: jax.Array) -> jax.Array:

@@ -36,14 +36,6 @@ def multi_label_loss(image_emb: jax.Array, noun_emb: jax.Array, scale: jax.Array
   return 0.5 * (image_to_text + text_to_image)
 
 
-def patch_to_segment(assignments) -> jax.Array:
-  """Chains per-stage assignments [B, N, S1], [B, S1, S2], ... into patch-to-final-segment A [B, N, G]."""
-  a = assignments[0]
-  for nxt in assignments[1:]:
-    a = jnp.einsum("bns,bsg->bng", a, nxt)
-  return a
-
-
 def noun_segment_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: jax.Array,
                       scale: jax.Array) -> jax.Array:
   """Not in the paper: every noun prompt must be matched by one segment of its own image.

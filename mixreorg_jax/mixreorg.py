@@ -25,20 +25,19 @@ import ml_collections
 
 from mixreorg_jax import losses
 from mixreorg_jax import mixing
+from mixreorg_jax.models import grouping
 from mixreorg_jax.models import groupvit
 
 
 def _image_branches(model: groupvit.GroupViT, images, mix_config, mixreorg: bool, train: bool):
   """Runs the image tower. -> (segments [R*B, G, C], assignments, src [B, N] or None), R = 3 with mixing else 1."""
   vision = model.vision_model
+  if not mixreorg:  # GroupViT's image tower as it is.
+    out = vision(images, train)
+    return out.segment_tokens, out.assignments, None
   first = vision.stages[0]
   x, _ = vision.embed(images)  # [B, N, C]
   b = x.shape[0]
-  if not mixreorg:
-    x, group_tokens = first.split(first.run_blocks(vision.first_stage_tokens(x), 0, first.depth, train))
-    segments, assignments = vision.after_first_blocks(x, group_tokens, train)
-    return segments, assignments, None
-
   k, context, beta = mix_config.group_size, mix_config.context_layers, mix_config.progressive_weight
   if not 0 <= context <= first.depth:
     raise ValueError(f"config.mix.context_layers={context} must be in [0, {first.depth}] (the depth of stage 1, "
@@ -87,7 +86,7 @@ def towers(model: groupvit.GroupViT, batch: Dict[str, jax.Array], config: ml_col
     features["nouns"] = model.text_features(batch["nouns"], train)
     labels["noun_tokens"] = batch["nouns"]
   if mixreorg:
-    features["mixed_assignment"] = losses.patch_to_segment([a.hard[b:2 * b] for a in assignments])
+    features["mixed_assignment"] = grouping.patch_to_segment([a.hard[b:2 * b] for a in assignments])
     labels["src"] = src
   return features, labels
 

@@ -1,6 +1,7 @@
 """Segment one image with any class names, zero-shot, and draw it.
 
   python -m mixreorg_jax.segment --checkpoint=DIR --image=IMG [--classes="cat,dog,grass"] [--output=out.png]
+  python -m mixreorg_jax.segment --checkpoint=DIR --image=IMG --config=configs/eval/voc.py  # VOC's protocol
 
 The picture has the image with the predicted classes painted over it and a legend, next to the raw groups (each
 pixel coloured by its group). Without --classes it shows the image and the groups only. The protocol is the
@@ -19,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -27,6 +29,7 @@ from mixreorg_jax import inference
 from mixreorg_jax import visualize
 from mixreorg_jax import zeroshot
 from mixreorg_jax.data import seg_datasets
+from mixreorg_jax.data import tokenizers
 
 BACKGROUND = "background"
 
@@ -54,7 +57,7 @@ def segment_image(model: inference.InferenceModel, image: np.ndarray, class_name
     raise ValueError(f"segment_image: expected an RGB image [H, W, 3], got shape {image.shape}.")
   class_names = tuple(class_names or ())
   if class_names:
-    tokenizer = tokenizer or zeroshot.checkpoint_tokenizer(model.tokenizer)
+    tokenizer = tokenizer or tokenizers.checkpoint_tokenizer(model.tokenizer)
     class_emb = zeroshot.class_embeddings(model.encode_text, tokenizer, class_names, templates)
     names = ((BACKGROUND,) if protocol.with_background else ()) + class_names
   else:  # the groups do not depend on the classes: one placeholder class, no text tower needed.
@@ -104,6 +107,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("short_side", 448, "Resize the short side to this (0 = native).")
   flags.DEFINE_integer("window", 448, "Sliding window size (0 = the whole image).")
   flags.DEFINE_integer("stride", 224, "Sliding window stride (0 = window).")
+  config_flags.DEFINE_config_file("config", None, "An eval config (configs/eval/*.py): its protocol, prompt "
+                                  "templates and (without --classes) class names instead of the flags above.",
+                                  lock_config=True)
   flags.mark_flags_as_required(["checkpoint", "image"])
 
 
@@ -113,10 +119,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   classes = [c.strip() for c in f.classes.split(",") if c.strip()]
-  protocol = zeroshot.Protocol(short_side=f.short_side, window=f.window, stride=f.stride, top_k_classes=5,
-                               bg_threshold=f.bg_threshold if f.background else -1.0, with_background=f.background,
-                               batch_size=1)
-  output, result = segment_file(f.checkpoint, f.image, classes, f.output, protocol, f.template)
+  if f.config:  # the protocol of an evaluation.
+    protocol, templates = zeroshot.Protocol.from_config(f.config), f.config.prompt_templates
+    classes = classes or list(zeroshot.foreground_names(f.config.class_names, f.config.with_background))
+  else:
+    protocol = zeroshot.Protocol(short_side=f.short_side, window=f.window, stride=f.stride, top_k_classes=5,
+                                 bg_threshold=f.bg_threshold if f.background else -1.0,
+                                 with_background=f.background, batch_size=1)
+    templates = f.template
+  output, result = segment_file(f.checkpoint, f.image, classes, f.output, protocol, templates)
   if classes:
     print("classes found: " + ", ".join(result["class_names"][i] for i in np.unique(result["labels"])))
   print(f"wrote {output}")

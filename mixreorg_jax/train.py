@@ -41,24 +41,28 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from mixreorg_jax import evaluator
 from mixreorg_jax import optim
 from mixreorg_jax import sharding
 from mixreorg_jax import train_step
+from mixreorg_jax import visualize
+from mixreorg_jax import workdir as workdir_lib
 from mixreorg_jax.models import groupvit
 
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
 
-MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the device; enough to overlap input with compute.
 
-# The workdir layout that tools/export.py reads back.
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the device; enough to overlap input with compute.
 
 
 class Preempted(Exception):
@@ -196,10 +200,10 @@ def shutdown_distributed() -> None:
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Every check that can fail before anything compiles, each naming the config key to change."""
-  from mixreorg_jax.data import preprocess  # noqa: PLC0415  (TF is imported only when training)
-  from mixreorg_jax.data import tokenizers  # noqa: PLC0415
+  from mixreorg_jax.data import pixels  # noqa: PLC0415
+  from mixreorg_jax.data import tokenizers  # noqa: PLC0415  (TF is imported only when training)
   train_step.check_batch(config, mesh)
-  preprocess.pixel_statistics(config.input.normalization)
+  pixels.pixel_statistics(config.input.normalization)
   if config.input.batch_size % jax.process_count():
     raise ValueError(f"config.input.batch_size={config.input.batch_size} must divide over "
                      f"{jax.process_count()} processes.")
@@ -225,9 +229,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if tokenizer.eot_id != config.model.text.eot_id:
     raise ValueError(f"The tokenizer's end-of-text id is {tokenizer.eot_id} but config.model.text.eot_id="
                      f"{config.model.text.eot_id}.")
-  if config.eval.config and not os.path.exists(config.eval.config):
-    raise ValueError(f"config.eval.config={config.eval.config!r} does not exist; give a file in configs/eval/ "
-                     "or '' for no evaluation.")
+  evaluator.check_evals(config)
 
 
 def input_state_path(workdir: str, step: int) -> str:
@@ -237,12 +239,12 @@ def input_state_path(workdir: str, step: int) -> str:
   so a run on a different number of hosts starts its input afresh instead of restoring a foreign position.
   """
   name = f"process_{jax.process_index()}_of_{jax.process_count()}"
-  return os.path.join(workdir, "input_state", f"step_{step}", name)
+  return os.path.join(workdir_lib.input_state_dir(workdir), f"step_{step}", name)
 
 
 def prune_input_states(workdir: str, keep_steps: List[int]) -> None:
   """Deletes the input positions of checkpoints the CheckpointManager no longer keeps (process 0 only)."""
-  root = os.path.join(workdir, "input_state")
+  root = workdir_lib.input_state_dir(workdir)
   if jax.process_index() or not os.path.isdir(root):
     return
   for name in os.listdir(root):
@@ -326,7 +328,7 @@ def save_fault(spec: str):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Runs training to config.total_steps (resuming if possible), then the attached evaluation. -> final metrics.
+  """Runs training to config.total_steps (resuming if possible), then every evaluation. -> final metrics.
 
   Raises Preempted after saving a checkpoint at the current step when SIGTERM/SIGINT (or, multi-host, a
   preemption notice) arrives, and FloatingPointError after config.max_skipped_steps consecutive non-finite steps.
@@ -337,8 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   jax.config.update("jax_threefry_partitionable", True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    writer = metric_writers.MultiWriter([writer, JsonlWriter(workdir_lib.metrics_path(workdir))])
+    with open(workdir_lib.config_path(workdir), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   logging.info("Config: %s", config_summary(config))
   logging.info("Full config:\n%s", config, extra=console.LOG_FILE_ONLY)
@@ -370,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   # ------------------------------------------------------------------------------------------- restore
   # Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save cut
   # short (SIGKILL, lost host) is never taken for the latest step.
-  ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_ckpts, enable_async_checkpointing=True, create=True))
   latest = manager.latest_step()
@@ -389,6 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                       jax.process_count())
     logging.info("Resumed from step %d", latest)
   first_step = int(jax.device_get(state.step))
+  evaluations = evaluator.Evaluations.for_training(config, model, workdir,
+                                                   evaluator.initial_variables(config, model, state))
   saving = {"step": None}  # the step of the save in flight, for SaveFailed's message.
 
   def finish_saving() -> None:
@@ -479,8 +483,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if preempted:
           raise Preempted(f"Stopped by a signal or preemption notice at step {step}; checkpoint written to "
                           f"{ckpt_dir}.")
-        if config.eval.config and config.eval.every_steps and step % config.eval.every_steps == 0:
-          writer.write_scalars(step, evaluate_state(config, model, state, workdir, step))
+        if evaluations.due(step) and step < config.total_steps:  # the last step's are the final evaluation.
+          writer.write_scalars(step, evaluations.run(variables(state), step, final=False))
     finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
   except jax.errors.JaxRuntimeError as e:
     if watch:
@@ -494,12 +498,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer.flush()
 
   # ------------------------------------------------------------------------------------------- final evaluation
-  results = {}
-  if config.eval.config:
-    results = evaluate_state(config, model, state, workdir, config.total_steps, final=True)
+  results = evaluations.run(variables(state), config.total_steps, final=True)
+  if results:
     writer.write_scalars(config.total_steps, results)
   writer.close()
+  if results and jax.process_index() == 0:
+    visualize.plot_training_curves(workdir_lib.metrics_path(workdir), os.path.join(workdir, "training_curves.png"))
   return results
+
+
+def variables(state) -> Dict[str, Any]:
+  """The {"params", "batch_stats"} of a TrainState, as the evaluations take them."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def config_summary(config: ml_collections.ConfigDict) -> str:
@@ -507,7 +517,8 @@ def config_summary(config: ml_collections.ConfigDict) -> str:
   v = config.model.vision
   return (f"{config.total_steps} steps at global batch {config.input.batch_size}, {config.input.image_size} px, "
           f"vision width {v.width} depths {tuple(v.depths)} groups {tuple(v.num_output_groups)}, "
-          f"lr {config.optim.base_lr:g}, seed {config.seed}, eval {config.eval.config or 'off'}")
+          f"lr {config.optim.base_lr:g}, seed {config.seed}, "
+          f"evals {', '.join(evaluator.enabled_evals(config)) or 'off'}")
 
 
 def step_line(step: int, total_steps: int, summary: Mapping[str, float], seconds_per_step: float) -> str:
@@ -527,12 +538,6 @@ def step_line(step: int, total_steps: int, summary: Mapping[str, float], seconds
   if any(n for n, _ in skips):
     line += "  skipped " + ", ".join(f"{n} {name}" for n, name in skips if n)
   return line
-
-
-def evaluate_state(config, model, state, workdir: str, step: int, final: bool = False) -> Dict[str, float]:
-  """Zero-shot segmentation with config.eval on the current parameters (see mixreorg_jax/evaluate.py)."""
-  from mixreorg_jax import evaluate  # noqa: PLC0415
-  return evaluate.evaluate_train_state(config, model, state, workdir, step, final=final)
 
 
 def _sync(name: str) -> None:
@@ -558,6 +563,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  define_flags()
   jax.config.config_with_absl()
   app.run(main)

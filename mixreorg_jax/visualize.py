@@ -1,18 +1,35 @@
-"""Pictures of segmentations: coloured overlays with a legend, group panels, palette PNGs, side-by-side panels.
+"""Pictures: coloured segmentation overlays with a legend, group panels, palette PNGs, side-by-side panels, and
+the training curves of a metrics.jsonl (matplotlib).
 
 Pure PIL/numpy. Colours come from the PASCAL VOC colour map, so a saved prediction PNG looks like the ground
 truth of VOC-layout datasets; index 255 (ignore) is drawn white.
 """
-from typing import Optional, Sequence
+import json
+import os
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mixreorg_jax.data.synthetic import voc_palette
+from mixreorg_jax.seg_metrics import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 MIN_SIDE = 256  # pictures are upscaled (nearest-neighbour, whole factors) until their short side has this many px.
 FONT_SIZE = 14
+
+
+def voc_palette() -> list:
+  """The PASCAL VOC colour map as a flat 768-long PIL palette (index 255 = ignore, drawn white)."""
+  palette = np.zeros((256, 3), np.uint8)
+  for i in range(256):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    palette[i] = (r, g, b)
+  palette[255] = (255, 255, 255)
+  return palette.reshape(-1).tolist()
 
 
 def palette() -> np.ndarray:
@@ -152,3 +169,68 @@ def side_by_side(panels: Sequence, titles: Sequence[str] = (), pad: int = 4) -> 
     canvas.paste(im.convert("RGB"), (x, pad + title_height))
     x += im.width + pad
   return canvas
+
+
+CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_seg", "train/loss_noun_seg",
+              "train/seg_acc", "train/group_info")
+
+
+def plot_training_curves(metrics_jsonl_path: str, out_png: str, keys: Sequence[str] = CURVE_KEYS,
+                         evals: Optional[Dict[str, Dict[int, float]]] = None) -> str:
+  """Plots the train losses and seg accuracy of a metrics.jsonl ({"step": ..., "train/loss": ...} per line)
+  against the step, one panel per key present; -> out_png.
+
+  Evaluations (the file's eval/<name>/mIoU records, plus `evals` {name: {step: mIoU}} not yet written) are marked
+  by a dotted line in every panel and plotted, one line per evaluation, in a last panel of their own.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  series = {k: ([], []) for k in keys}
+  evals = {name: dict(points) for name, points in (evals or {}).items()}
+  with open(metrics_jsonl_path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      for key, value in record.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] == "mIoU" and "step" in record:
+          evals.setdefault(parts[1], {}).setdefault(record["step"], value)
+      for k in keys:
+        if k in record and record[k] is not None and "step" in record:
+          series[k][0].append(record["step"])
+          series[k][1].append(record[k])
+  present = [k for k in keys if series[k][0]]
+  if not present:
+    raise ValueError(f"{metrics_jsonl_path} has none of {list(keys)}; nothing to plot.")
+  panels = len(present) + bool(evals)
+  cols = min(panels, 4)
+  rows = -(-panels // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharex=True)
+  axes = axes.ravel()
+  for ax in axes[panels:]:
+    ax.axis("off")
+  for ax, k in zip(axes, present):
+    ax.plot(*series[k], lw=1.2)
+    for step in sorted({s for points in evals.values() for s in points}):
+      ax.axvline(step, color="tab:red", ls=":", lw=1)
+    ax.set_title(k.split("/", 1)[-1])
+    ax.set_xlabel("step")
+    ax.tick_params(labelbottom=True)
+    ax.grid(alpha=0.3)
+  if evals:
+    ax = axes[panels - 1]
+    for name, points in sorted(evals.items()):
+      steps = sorted(points)
+      ax.plot(steps, [points[s] for s in steps], "o-", lw=1.2, label=name)
+    ax.legend(fontsize=8)
+    ax.set_title("eval mIoU (dotted: evaluations)")
+    ax.set_xlabel("step")
+    ax.tick_params(labelbottom=True)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png

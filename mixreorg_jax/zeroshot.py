@@ -29,12 +29,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from mixreorg_jax import losses
-from mixreorg_jax.data import preprocess
-from mixreorg_jax.data import tokenizers
+from mixreorg_jax.data import pixels
+from mixreorg_jax.models import grouping
 from mixreorg_jax.models import groupvit
 
 # mmseg's Resize(img_scale=(2048, 448)): the long side is capped at 2048 / 448 times the short side target.
@@ -65,15 +63,6 @@ class Protocol:
 def foreground_names(class_names: Sequence[str], with_background: bool) -> Tuple[str, ...]:
   """The names that are prompted: every class but the background (label 0) when there is one (GroupViT)."""
   return tuple(class_names[1:]) if with_background else tuple(class_names)
-
-
-def checkpoint_tokenizer(block: Optional[Dict[str, Any]]):
-  """The tokenizer of a checkpoint's model_config.json "tokenizer" block (InferenceModel.tokenizer)."""
-  if block is None:
-    raise ValueError("The checkpoint's model_config.json has no 'tokenizer' block; re-export it with "
-                     "checkpoint_io.save_inference_checkpoint(..., tokenizer=checkpoint_io.tokenizer_info(...)).")
-  return tokenizers.make_tokenizer(ml_collections.ConfigDict(dict(
-      tokenizer=block["kind"], tokenizer_path=block["path"], context_length=block["context_length"])))
 
 
 def class_embeddings(encode_text_fn: Callable, tokenizer, class_names: Sequence[str], templates: Sequence[str],
@@ -228,7 +217,7 @@ def make_window_fn(model: groupvit.GroupViT, protocol: Protocol, random_groups: 
   @jax.jit
   def window_fn(variables, images, class_emb, key):
     enc, scale = model.apply(variables, images, method=image_outputs)
-    soft = losses.patch_to_segment([a.soft for a in enc.assignments])  # [B, N, G]
+    soft = grouping.patch_to_segment([a.soft for a in enc.assignments])  # [B, N, G]
     if random_groups:
       soft = random_assignment(key, soft.shape)
     out_hw = images.shape[1:3]
@@ -276,7 +265,7 @@ def normalize_image(image: np.ndarray, normalization: str = "clip") -> np.ndarra
   normalization: the pixel statistics the model expects, "clip" or "imagenet" (`InferenceModel.image_normalization`,
   config.input.normalization).
   """
-  mean, std = preprocess.pixel_statistics(normalization)
+  mean, std = pixels.pixel_statistics(normalization)
   x = np.asarray(image, np.float32) / 255.0
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
@@ -307,7 +296,7 @@ class SlidingWindowSegmenter:
 
   def __init__(self, model: groupvit.GroupViT, variables: Dict[str, Any], class_emb: jax.Array,
                protocol: Protocol, random_groups_seed: Optional[int] = None, image_normalization: str = "clip"):
-    preprocess.pixel_statistics(image_normalization)  # an unknown name fails here, not on the first image.
+    pixels.pixel_statistics(image_normalization)  # an unknown name fails here, not on the first image.
     self.image_normalization = image_normalization
     self.variables = variables
     self.class_emb = class_emb

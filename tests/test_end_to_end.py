@@ -32,20 +32,21 @@ def test_caption_pretraining_learns_zero_shot_segmentation_end_to_end(synthetic_
   cmd = [sys.executable, "-m", "mixreorg_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
          f"--config.input.synthetic_dir={synthetic_dir}", f"--config.total_steps={E2E_STEPS}",
          f"--config.seed={E2E_SEED}", f"--config.input.seed={E2E_SEED}",
-         "--config.log_steps=50", f"--config.ckpt_steps={E2E_STEPS}", "--config.eval.max_images=100"]
+         "--config.log_steps=50", f"--config.ckpt_steps={E2E_STEPS}",
+         "--config.evals.tuning.data.max_images=100", "--config.evals.heldout.data.max_images=100"]
   with open(os.path.join(str(tmp_path), "log.txt"), "w") as log:
     subprocess.run(cmd, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1200)
   results = {}
   for row in common.read_metrics(workdir):
-    results.update({k: v for k, v in row.items() if k.startswith("eval/")})
-  for key in ("eval/mIoU", "eval/chance_mIoU", "eval/untrained_mIoU", "eval/pixel_acc"):
+    results.update({k[len("eval/heldout/"):]: v for k, v in row.items() if k.startswith("eval/heldout/")})
+  for key in ("mIoU", "chance_mIoU", "untrained_mIoU", "pixel_acc"):
     assert math.isfinite(results[key]) and 0 <= results[key] <= 100, (key, results)
   # Segmentation from class names alone, well above both baselines computed in the same run.
-  assert results["eval/mIoU"] > results["eval/chance_mIoU"] + MIOU_MARGIN, results
-  assert results["eval/mIoU"] > results["eval/untrained_mIoU"] + MIOU_MARGIN, results
-  assert results["eval/groups_per_image"] > 1.5, results  # no collapse onto one segment per image
+  assert results["mIoU"] > results["chance_mIoU"] + MIOU_MARGIN, results
+  assert results["mIoU"] > results["untrained_mIoU"] + MIOU_MARGIN, results
+  assert results["groups_per_image"] > 1.5, results  # no collapse onto one segment per image
   # Class names alone pick a class that is in the image far more often than chance.
-  assert results["eval/image_top1"] > 2 * results["eval/image_top1_chance"], results
+  assert results["image_top1"] > 2 * results["image_top1_chance"], results
   losses = common.losses(workdir)
   assert losses[E2E_STEPS] < losses[50], losses
   assert os.path.exists(os.path.join(workdir, "training_curves.png"))

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from configs import demo  # noqa: E402
 from mixreorg_jax import checkpoint_io  # noqa: E402
 from mixreorg_jax import inference  # noqa: E402
-from mixreorg_jax import zeroshot  # noqa: E402
+from mixreorg_jax.data import tokenizers  # noqa: E402
 from mixreorg_jax.models import groupvit  # noqa: E402
 from mixreorg_jax.tools import convert_groupvit  # noqa: E402
 from mixreorg_jax.tools import export_hf  # noqa: E402
@@ -66,7 +66,7 @@ def test_demo_model_refuses_legacy_eos_then_exports_with_swapped_ids(tmp_path):
   assert config["text_config"]["eos_token_id"] == 511 and config["mixreorg_swapped_ids"] == [2, 511]
   assert config["vision_config"]["num_group_tokens"] == [8, 0]  # the demo's one grouping stage
   text = ["a red circle and a blue square", "a photo of a triangle."]
-  tokens = zeroshot.checkpoint_tokenizer(tokenizer).tokenize_numpy(text)
+  tokens = tokenizers.checkpoint_tokenizer(tokenizer).tokenize_numpy(text)
   image_diff, text_diff = compare(tmp_path / "ours", tmp_path / "hf", tokens, tuple(config["mixreorg_swapped_ids"]))
   print(f"demo config: max |image diff| {image_diff:.2e}, max |text diff| {text_diff:.2e}")
   assert image_diff <= TOL and text_diff <= TOL
@@ -80,7 +80,7 @@ def test_clip_bpe_model_exports_with_its_tokenizer(tmp_path):
   v.image_size, v.patch_size, v.act = 32, 8, "quick_gelu"
   t.width, t.num_layers, t.num_heads, t.mlp_dim, t.context_length = 32, 1, 2, 64, 16
   tokenizer = checkpoint_io.tokenizer_info("clip_bpe", vocab, 16)
-  ours_tokenizer = zeroshot.checkpoint_tokenizer(tokenizer)
+  ours_tokenizer = tokenizers.checkpoint_tokenizer(tokenizer)
   t.vocab_size, t.eot_id = ours_tokenizer.vocab_size, ours_tokenizer.eot_id
   random_checkpoint(tmp_path / "ours", model_config, tokenizer, seed=2, normalization="imagenet")
   export_hf.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))

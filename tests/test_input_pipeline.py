@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mixreorg_jax.data import input_pipeline, preprocess, synthetic
+from mixreorg_jax.data import input_pipeline, pixels, preprocess, synthetic
 
 # Distinct captions made of words the shipped SentencePiece model knows (digits would all become unk).
 CAPTIONS = [f"a {colour} {shape}" for shape, (colour, _) in synthetic.CLASS_COLOURS.items()
@@ -61,7 +61,7 @@ def test_batches_have_the_documented_shapes_and_dtypes(tmp_path):
   assert b["text"].shape == (8, 12) and b["text"].dtype == np.int32
   assert b["nouns"].shape == (8, 3, 12) and b["nouns"].dtype == np.int32
   # CLIP normalisation: a [0, 255] image maps into [-mean/std, (1-mean)/std].
-  lo = -np.array(preprocess.CLIP_MEAN) / np.array(preprocess.CLIP_STD)
+  lo = -np.array(pixels.CLIP_MEAN) / np.array(pixels.CLIP_STD)
   assert b["image"].min() >= lo.min() - 1e-4 and b["image"].max() <= 2.2
   eot = it.tokenizer.eot_id
   assert ((b["text"] == eot).sum(axis=1) == 1).all() and ((b["nouns"] == eot).sum(axis=2) == 1).all()

@@ -9,6 +9,7 @@ from PIL import Image
 
 from mixreorg_jax.data import nouns
 from mixreorg_jax.tools import make_shards
+from tests import helpers
 
 
 def _img(fmt="JPEG", size=(20, 16), seed=0):
@@ -99,8 +100,8 @@ def test_command_line_on_tfds(tmp_path, capsys):
         yield i, {"image": np.full((16, 20, 3), 40 * i, np.uint8), "caption": f"a house {i}"}
 
   TinyPairs(data_dir=str(tmp_path / "tfds")).download_and_prepare()
-  make_shards.main(["--out", str(tmp_path / "out"), "--num_shards=2", "--tfds=tiny_pairs",
-                    f"--tfds_data_dir={tmp_path / 'tfds'}"])
+  helpers.run_tool_main(make_shards, out=str(tmp_path / "out"), num_shards=2, tfds="tiny_pairs",
+                        tfds_data_dir=str(tmp_path / "tfds"))
   assert "written 4 records into 2 shards" in capsys.readouterr().out
   assert sorted(t for t, _ in _read(tmp_path / "out")) == [f"a house {i}" for i in range(4)]
 

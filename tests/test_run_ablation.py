@@ -5,13 +5,16 @@ from mixreorg_jax.tools import run_ablation
 
 
 def test_table_reports_mean_std_per_variant_and_baselines():
+  """Runs recorded before config.evals (eval/mIoU, eval/tuning_mIoU, ...) and after (eval/heldout/mIoU,
+  eval/tuning/mIoU, ...) make the same table."""
   results = {
       "groupvit": [{"eval/mIoU": 10.0, "eval/chance_mIoU": 8.0, "eval/untrained_mIoU": 5.0, "eval/image_top1": 70.0,
                     "eval/image_top1_chance": 20.0, "eval/groups_per_image": 3.0, "eval/tuning_mIoU": 11.0},
-                   {"eval/mIoU": 14.0, "eval/chance_mIoU": 10.0, "eval/image_top1": 80.0,
-                    "eval/groups_per_image": 5.0, "eval/tuning_mIoU": 13.0, "eval/tuned_bg_mIoU": 16.0}],
+                   {"eval/heldout/mIoU": 14.0, "eval/heldout/chance_mIoU": 10.0, "eval/heldout/image_top1": 80.0,
+                    "eval/heldout/groups_per_image": 5.0, "eval/tuning/mIoU": 13.0,
+                    "eval/heldout/tuned_bg_mIoU": 16.0}],
       "mixreorg": [{"eval/mIoU": 20.0, "eval/chance_mIoU": 9.0, "eval/untrained_mIoU": 7.0},
-                   {"eval/mIoU": 30.0, "eval/chance_mIoU": 9.0, "eval/untrained_mIoU": 6.0}],
+                   {"eval/heldout/mIoU": 30.0, "eval/heldout/chance_mIoU": 9.0, "eval/heldout/untrained_mIoU": 6.0}],
   }
   rows = run_ablation.table(results).strip().split("\n")
   assert rows[2] == ("| GroupViT baseline (`model.mixreorg=False`) | 12.0 ± 2.0 | 10.0, 14.0 | 12.0 ± 1.0 | "
@@ -68,3 +71,16 @@ def test_config_fingerprint_follows_the_demo_config():
   assert run_ablation.config_fingerprint("mixreorg") == run_ablation.config_fingerprint("mixreorg")
   assert run_ablation.config_fingerprint("mixreorg") != run_ablation.config_fingerprint("groupvit")
   assert len(run_ablation.config_fingerprint("k4")) == 12
+
+
+def test_the_recorded_runs_keep_their_fingerprint_and_their_metrics_read_under_the_current_names():
+  """The tracked results file: its runs still count for the demo config (its evaluations are not fingerprinted)."""
+  records = run_ablation.read_results(run_ablation.DEFAULT_RESULTS).values()
+  for variant in ("mixreorg", "groupvit"):
+    fingerprint = run_ablation.config_fingerprint(variant)
+    runs = [r for r in records if r["variant"] == variant and r["config"] == fingerprint and not r["overrides"]]
+    assert len(runs) >= 4, (variant, fingerprint)
+  metrics = run_ablation.current_names(next(iter(records))["metrics"])
+  assert {"eval/heldout/mIoU", "eval/heldout/per_class/circle", "eval/heldout/chance_mIoU"} <= set(metrics)
+  assert run_ablation.current_names({"eval/tuning_mIoU": 1.0, "eval/tuned_bg_mIoU": 2.0}) == {
+      "eval/tuning/mIoU": 1.0, "eval/heldout/tuned_bg_mIoU": 2.0}

@@ -1,4 +1,5 @@
 """The trainer in-process: exact resume after SIGTERM, the NaN guard, early config errors, export -> inference."""
+import json
 import os
 import signal
 
@@ -130,11 +131,36 @@ def test_failed_save_keeps_the_previous_checkpoint_and_names_directory_and_error
   assert latest_step(workdir) == 6
 
 
+@pytest.mark.slow
+def test_two_evaluations_log_their_curves_and_their_protocols(synthetic_dir, tmp_path):
+  """The demo's evaluations on a tiny run: tuning every 2 steps and at the end, held-out at the end at the
+  threshold tuned on it; both curves in metrics.jsonl and both protocols in config.json."""
+  workdir = str(tmp_path / "run")
+  config = common.train_config(synthetic_dir, total_steps=4, **{
+      "evals.tuning.synthetic": "voc_val", "evals.heldout.synthetic": "voc", "evals.tuning.every_steps": 2,
+      "evals.tuning.data.max_images": 2, "evals.heldout.data.max_images": 2, "evals.heldout.baselines": False,
+      "evals.heldout.image_recognition": False, "evals.heldout.num_visualizations": 0})
+  results = train.train_and_evaluate(config, workdir)
+  metrics = common.read_metrics(workdir)
+  assert [m["step"] for m in metrics if "eval/tuning/mIoU" in m] == [2, 4]
+  assert [m["step"] for m in metrics if "eval/heldout/mIoU" in m] == [4]
+  assert results["eval/heldout/tuned_bg_threshold"] == results["eval/tuning/best_bg_threshold"]
+  assert "eval/heldout/per_class/circle" in results and "eval/heldout/chance_mIoU" not in results
+  with open(os.path.join(workdir, "config.json")) as f:
+    evals = json.load(f)["evals"]
+  assert evals["tuning"]["every_steps"] == 2 and evals["tuning"]["sweep_bg_thresholds"]
+  assert evals["heldout"]["bg_threshold_from"] == "tuning" and evals["heldout"]["window"] == 0
+  assert evals["heldout"]["prompt_templates"] == ["a photo of a {}."]
+  assert os.path.exists(os.path.join(workdir, "eval", "tuning", "metrics.json"))
+  assert os.path.exists(os.path.join(workdir, "training_curves.png"))
+
+
 @pytest.mark.parametrize("override, message", [
     ({"mix.group_size": 4}, "config.mix.group_size"),  # K = 4 does not divide the per-device batch of 16 / 8 devices.
     ({"input.data_dir": "/nonexistent/train-*.tfrecord"}, "config.input.data_dir"),
     ({"input.normalization": "imagenet21k"}, "config.input.normalization"),
     ({"input.image_size": 36}, "config.input.image_size"),
+    ({"evals.tuning.data.root": "/nonexistent/voc"}, "config.evals.tuning.data.root"),
 ])
 def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

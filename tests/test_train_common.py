@@ -25,7 +25,7 @@ def synthetic_data(tmp_path_factory) -> str:
 def train_config(synthetic_dir: str, **overrides):
   """helpers.tiny_config for the trainer: the SentencePiece vocab, per-step metrics, no evaluation."""
   defaults = {"model.text.vocab_size": 256, "log_steps": 1, "ckpt_steps": 1000, "input.synthetic_dir": synthetic_dir,
-              "input.shuffle_buffer": 64, "eval.config": ""}
+              "input.shuffle_buffer": 64, "evals.tuning.synthetic": "", "evals.heldout.synthetic": ""}
   return helpers.tiny_config(**{**defaults, **overrides})
 
 

@@ -97,7 +97,7 @@ def test_converted_checkpoint_evaluates_on_synthetic_voc_layout(tmp_path):
   pytest.importorskip("transformers")
   from tests import test_convert_parity as parity  # pylint: disable=g-import-not-at-top
   from configs.eval import voc_layout  # pylint: disable=g-import-not-at-top
-  from mixreorg_jax import evaluate, inference  # pylint: disable=g-import-not-at-top
+  from mixreorg_jax import evaluator, inference  # pylint: disable=g-import-not-at-top
   from mixreorg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   name = "three_stages_32px"
   parity.make_hf_model(name).save_pretrained(tmp_path / "hf")
@@ -110,7 +110,7 @@ def test_converted_checkpoint_evaluates_on_synthetic_voc_layout(tmp_path):
   config.short_side = config.window = config.stride = 0  # native 64 px, one window per image.
   spec = parity.CONFIGS[name]["text"]
   tokenizer = HashTokenizer(spec["vocab_size"], spec["eos_token_id"], spec["max_position_embeddings"])
-  summary = evaluate.run_protocol(model.model, model.variables, tokenizer, config, progress=False)
+  summary = evaluator.run_protocol(model.model, model.variables, tokenizer, config, progress=False)
   assert summary["num_images"] == 3
   assert 0.0 <= summary["pixel_acc"] <= 100.0 and np.isfinite(summary["mIoU"])
   assert len(summary["per_class_iou"]) == len(synthetic.CLASS_NAMES)

@@ -2,6 +2,8 @@
 
   python -m mixreorg_jax.evaluate --config=configs/eval/<dataset>.py --checkpoint=DIR --config.data.root=PATH
 
+A train config declares its evaluations as `config.evals.<name>`, each one of these configs with its period
+(`every_steps`); `python -m mixreorg_jax.evaluate` runs an eval config, or every evaluation of a config with evals.
 Every protocol choice is a key here (GroupViT#56/#50 came from hidden ones), and evaluate prints them with the
 results. A config's `get_config(arg)` takes comma-separated options: a template set (simple, subset, full), and
 where a config says so, others (e.g. `configs/eval/ade20k.py:tfds,full`).
@@ -73,5 +75,12 @@ def base_config(name, class_names, bg_threshold, with_background=True, templates
   c.batch_size = 8  # windows per jitted forward.
   c.save_predictions = ""  # a folder: palette PNG predictions, named like the ground-truth files.
   c.output_dir = ""  # "" = <checkpoint>/eval/<data.name>/ (metrics.json, TensorBoard, overlays).
-  c.num_visualizations = 8  # overlay PNGs of the first N images in output_dir.
+  c.num_visualizations = 8  # overlay PNGs of the first N images in output_dir (at the end of training).
+  # Options of the evaluation (mixreorg_jax/evaluator.py), and when it runs in a train config's config.evals:
+  c.every_steps = 0  # > 0: also every N training steps; every evaluation runs at the end of training.
+  c.synthetic = ""  # with data.root "": the built-in synthetic set of this name (config.input.synthetic_dir/NAME).
+  c.sweep_bg_thresholds = False  # also the mIoU at each bg threshold 0, 0.05, ..., 1, and the best one.
+  c.bg_threshold_from = ""  # the name of an evaluation with sweep_bg_thresholds: this one also at its best one.
+  c.baselines = False  # at the end: chance (random groups) and untrained-model mIoU of the same protocol.
+  c.image_recognition = False  # at the end: image-level zero-shot top-1 (and its chance).
   return c

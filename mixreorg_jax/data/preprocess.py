@@ -17,11 +17,8 @@ from typing import Dict, Sequence, Tuple
 
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, on [0, 1] pixels.
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what GroupViT's public weights were trained and evaluated with
-IMAGENET_STD = (0.229, 0.224, 0.225)  # (timm's DeiT transform; mmseg img_norm_cfg 123.675/58.395, ...).
-PIXEL_STATISTICS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+from mixreorg_jax.data.pixels import pixel_statistics
+
 REASONS = ("ok", "empty_image", "unknown_format", "bad_header", "truncated", "too_small", "too_large",
            "empty_caption", "bad_caption_utf8", "decode_error", "corrupt_file")
 # "corrupt_file" counts files, not records: a TFRecord file cut short or damaged, read up to the damage.
@@ -179,14 +176,6 @@ def _random_crop_window(header: Dict[str, tf.Tensor], seed: tf.Tensor, scale: Tu
       min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=tuple(scale), max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
-def pixel_statistics(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-  """(mean, std) on [0, 1] pixels of config.input.normalization / a checkpoint's image_normalization."""
-  if name not in PIXEL_STATISTICS:
-    raise ValueError(f"image normalization {name!r}: expected one of {sorted(PIXEL_STATISTICS)} "
-                     "(config.input.normalization).")
-  return PIXEL_STATISTICS[name]
 
 
 def normalize(image: tf.Tensor, normalization: str = "clip") -> tf.Tensor:

@@ -25,7 +25,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-IGNORE_INDEX = 255
+from mixreorg_jax.seg_metrics import IGNORE_INDEX
+
 ROOT_KEY = "config.data.root"
 Example = tuple  # (name: str, image: uint8 [H, W, 3], label: uint8 [H, W])
 

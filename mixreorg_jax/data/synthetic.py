@@ -16,14 +16,17 @@ name the objects through varied templates with distractor words, so a tiny model
 words in a few minutes on a CPU. The train split, the tuning split (voc_val) and the held-out split (voc) use
 separate random streams of the same seed.
 """
-import argparse
 import io
 import json
 import os
 from typing import Tuple
 
+from absl import app
+from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mixreorg_jax import visualize
 
 CLASS_NAMES = ("background", "circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent")
 # One colour family per class (RGB centre; each object jitters it), so colour and shape agree as in real data.
@@ -44,21 +47,6 @@ ADJECTIVES = ("nice", "small", "bright", "old", "colourful", "quick", "lovely", 
 TEXTURE_WORDS = ("striped", "checkered", "dotted", "noisy")
 SPLIT_STREAMS = {"train": 0, "voc_val": 1, "voc": 2}  # independent random streams per split.
 NUM_TRAIN_SHARDS = 8
-
-
-def voc_palette() -> list:
-  """The PASCAL VOC colour map as a flat 768-long PIL palette (index 255 = ignore, drawn white)."""
-  palette = np.zeros((256, 3), np.uint8)
-  for i in range(256):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette[i] = (r, g, b)
-  palette[255] = (255, 255, 255)
-  return palette.reshape(-1).tolist()
 
 
 def _texture(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, str]:
@@ -204,7 +192,6 @@ def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, sp
   rng = _rng(seed, split)
   for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
     os.makedirs(os.path.join(root, sub), exist_ok=True)
-  palette = voc_palette()
   ids = []
   for i in range(num_examples):
     image, label, _, _ = render_example(rng, image_size)
@@ -212,9 +199,7 @@ def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, sp
     ids.append(name)
     with open(os.path.join(root, "JPEGImages", name + ".jpg"), "wb") as f:
       f.write(_jpeg(image, quality=95))
-    png = Image.fromarray(label, mode="P")
-    png.putpalette(palette)
-    png.save(os.path.join(root, "SegmentationClass", name + ".png"))
+    visualize.save_label_png(os.path.join(root, "SegmentationClass", name + ".png"), label)
   with open(os.path.join(root, "ImageSets/Segmentation/val.txt"), "w") as f:
     f.write("\n".join(ids) + "\n")
   with open(os.path.join(root, "class_names.txt"), "w") as f:
@@ -254,17 +239,23 @@ def sample_captions(num: int, seed: int = 0) -> list:
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--num_train", type=int, default=8000)
-  parser.add_argument("--num_val", type=int, default=200, help="images in DIR/voc_val (for tuning)")
-  parser.add_argument("--num_test", type=int, default=500, help="images in DIR/voc (held out)")
-  parser.add_argument("--image_size", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--spm_out", default="", help="instead: fit the SentencePiece model to this prefix")
-  parser.add_argument("--spm_vocab_size", type=int, default=256)
-  a = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("num_train", 8000, "Training examples.")
+  flags.DEFINE_integer("num_val", 200, "Images in DIR/voc_val (for tuning).")
+  flags.DEFINE_integer("num_test", 500, "Images in DIR/voc (held out).")
+  flags.DEFINE_integer("image_size", 64, "Image size.")
+  flags.DEFINE_integer("seed", 0, "Seed of every split's random stream.")
+  flags.DEFINE_string("spm_out", "", "Instead: fit the SentencePiece model to this prefix.")
+  flags.DEFINE_integer("spm_vocab_size", 256, "Vocabulary size of --spm_out.")
+  flags.mark_flag_as_required("out")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  a = flags.FLAGS
   if a.spm_out:
     from mixreorg_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
     path = tokenizers.train_sentencepiece(sample_captions(20000, a.seed), a.spm_out, a.spm_vocab_size)
@@ -275,4 +266,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

@@ -13,8 +13,9 @@ Truncation keeps [eot] as the last token, so every row holds eot_id exactly once
 import functools
 import gzip
 import os
+import types
 import unicodedata
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -186,6 +187,15 @@ def make_tokenizer(input_config):
   if kind == "clip_bpe":
     return ClipBpeTokenizer(path or DEFAULT_CLIP_VOCAB, length)
   raise ValueError(f"config.input.tokenizer={kind!r}: expected 'sentencepiece' or 'clip_bpe'.")
+
+
+def checkpoint_tokenizer(block: Optional[Dict[str, Any]]):
+  """The tokenizer of a checkpoint's model_config.json "tokenizer" block (InferenceModel.tokenizer)."""
+  if block is None:
+    raise ValueError("The checkpoint's model_config.json has no 'tokenizer' block; re-export it with "
+                     "checkpoint_io.save_inference_checkpoint(..., tokenizer=checkpoint_io.tokenizer_info(...)).")
+  return make_tokenizer(types.SimpleNamespace(tokenizer=block["kind"], tokenizer_path=block["path"],
+                                            context_length=block["context_length"]))
 
 
 def train_sentencepiece(texts: Sequence[str], model_prefix: str, vocab_size: int) -> str:

@@ -24,6 +24,14 @@ class Assignment(NamedTuple):
   hard: jax.Array  # straight-through one-hot used in the forward pass (Gumbel in training, argmax in eval).
 
 
+def patch_to_segment(assignments) -> jax.Array:
+  """Chains per-stage assignments [B, N, S1], [B, S1, S2], ... into patch-to-final-segment A [B, N, G]."""
+  a = assignments[0]
+  for nxt in assignments[1:]:
+    a = jnp.einsum("bns,bsg->bng", a, nxt)
+  return a
+
+
 def straight_through_one_hot(y_soft: jax.Array, axis: int) -> jax.Array:
   """One-hot of argmax(y_soft) in the forward pass, gradient of y_soft in the backward pass."""
   y_hard = jax.nn.one_hot(jnp.argmax(y_soft, axis=axis), y_soft.shape[axis], axis=axis, dtype=y_soft.dtype)

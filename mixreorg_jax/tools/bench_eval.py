@@ -1,23 +1,25 @@
 """Evaluation throughput: our jitted zero-shot window step vs the transformers GroupViT forward (torch CPU).
 
-  python -m mixreorg_jax.tools.bench_eval [--sizes=224,448 --batch_size=2 --iters=3 --classes=21]
+  python -m mixreorg_jax.tools.bench_eval [--sizes=224,448 --batch_size=2 --iters=3 --classes=21] \
+      [--config=configs/groupvit_gcc_yfcc.py]
 
-Both models have GroupViT's gcc_yfcc architecture (configs/groupvit_gcc_yfcc.py; transformers' GroupViTConfig
-defaults) with random weights. For each resolution it times images/s of
+Both models have GroupViT's gcc_yfcc architecture (--config, by default configs/groupvit_gcc_yfcc.py;
+transformers' GroupViTConfig defaults) with random weights. For each resolution it times images/s of
   * ours: zeroshot.make_window_fn, i.e. the image tower, chained soft assignments, pixel-level class scores of
     `classes` classes with top-5 and background (everything the protocol does per window), jitted;
   * transformers: GroupViTModel.vision_model + visual_projection with output_attentions (the tensors the
     protocol needs; no pixel scores), under torch.no_grad on CPU.
 The first call (compilation for ours) is excluded; the table also gives our compile time.
 """
-import argparse
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
-from configs import groupvit_gcc_yfcc
 from mixreorg_jax import optional_deps
 from mixreorg_jax import zeroshot
 from mixreorg_jax.models import groupvit
@@ -30,11 +32,9 @@ def _rate(fn, batch_size: int, iters: int) -> float:
   return batch_size * iters / (time.perf_counter() - start)
 
 
-def bench_ours(size: int, batch_size: int, iters: int, num_classes: int):
-  """-> (images/s, first-call seconds) of the jitted window step at size x size."""
-  config = groupvit_gcc_yfcc.get_config()
-  model = groupvit.GroupViT.from_config(config.model)
-  c = config.model
+def bench_ours(c, size: int, batch_size: int, iters: int, num_classes: int):
+  """-> (images/s, first-call seconds) of the jitted window step of the model of config.model `c` at size x size."""
+  model = groupvit.GroupViT.from_config(c)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)),
                                   jnp.zeros((1, c.text.context_length), jnp.int32))
   protocol = zeroshot.Protocol(bg_threshold=0.95, with_background=True, batch_size=batch_size)
@@ -66,16 +66,23 @@ def bench_transformers(size: int, batch_size: int, iters: int) -> float:
   return _rate(forward, batch_size, iters)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sizes", default="224,448")
-  parser.add_argument("--batch_size", type=int, default=2)
-  parser.add_argument("--iters", type=int, default=3)
-  parser.add_argument("--classes", type=int, default=21)
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file("config", "configs/groupvit_gcc_yfcc.py", "The train config whose model is timed.",
+                                  lock_config=True)
+  flags.DEFINE_list("sizes", ["224", "448"], "Image sizes.")
+  flags.DEFINE_integer("batch_size", 2, "Windows per call.")
+  flags.DEFINE_integer("iters", 3, "Timed calls.")
+  flags.DEFINE_integer("classes", 21, "Classes scored.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   rows = []
-  for size in [int(s) for s in args.sizes.split(",")]:
-    ours, compile_s = bench_ours(size, args.batch_size, args.iters, args.classes)
+  for size in [int(s) for s in args.sizes]:
+    ours, compile_s = bench_ours(args.config.model, size, args.batch_size, args.iters, args.classes)
     theirs = bench_transformers(size, args.batch_size, args.iters)
     rows.append((size, ours, theirs, compile_s))
   print(f"batch {args.batch_size}, {args.iters} timed calls, {jax.device_count()} {jax.default_backend()} device(s)")
@@ -85,4 +92,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

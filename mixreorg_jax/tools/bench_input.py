@@ -8,17 +8,18 @@ Writes JPEGs of source_size x 4/3 source_size into a temporary shard, then times
 and prints a table with the ratio. The demo row (64 px, the demo's batch) is the rate to compare with the
 trainer's steps/s x batch size to tell whether the demo is input-bound.
 """
-import argparse
 import io
 import os
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from mixreorg_jax.data import input_pipeline, preprocess, synthetic
+from mixreorg_jax.data import input_pipeline, pixels, preprocess, synthetic
 
 
 def _write_shard(path: str, num: int, size: int) -> list:
@@ -39,7 +40,7 @@ def _write_shard(path: str, num: int, size: int) -> list:
 def pil_loader(jpegs: list, image_size: int, scale=(0.08, 1.0), seed: int = 0):
   """Yields CLIP-normalised float32 [S, S, 3] images the plain way (PIL decode, numpy maths)."""
   rng = np.random.default_rng(seed)
-  mean, std = np.array(preprocess.CLIP_MEAN, np.float32), np.array(preprocess.CLIP_STD, np.float32)
+  mean, std = np.array(pixels.CLIP_MEAN, np.float32), np.array(pixels.CLIP_STD, np.float32)
   for data in jpegs:
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
@@ -85,15 +86,20 @@ def time_pil(jpegs: list, image_size: int, num_images: int) -> float:
   return num_images / (time.perf_counter() - t)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--num_images", type=int, default=512, help="distinct JPEGs in the shard")
-  p.add_argument("--source_size", type=int, default=320, help="height of the source JPEGs")
-  p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--num_batches", type=int, default=20)
-  p.add_argument("--demo_image_size", type=int, default=64)
-  a = p.parse_args(argv)
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_integer("num_images", 512, "Distinct JPEGs in the shard.")
+  flags.DEFINE_integer("source_size", 320, "Height of the source JPEGs.")
+  flags.DEFINE_integer("image_size", 224, "Training image size.")
+  flags.DEFINE_integer("batch_size", 64, "Batch size.")
+  flags.DEFINE_integer("num_batches", 20, "Batches timed.")
+  flags.DEFINE_integer("demo_image_size", 64, "The demo's image size.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  a = flags.FLAGS
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     jpegs = _write_shard(os.path.join(tmp, "bench.tfrecord"), a.num_images, a.source_size)
@@ -113,4 +119,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

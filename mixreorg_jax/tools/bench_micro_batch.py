@@ -26,11 +26,16 @@ from mixreorg_jax import train_step
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.tools import bench_step
 
-# --config, --batch_size, --rounds (0 = memory analysis only: nothing runs) and --steps are bench_step's flags.
-flags.DEFINE_list("micro_batch_sizes", ["8", "16", "32"], "Micro-batch sizes to compare with the one-shot step.")
-flags.DEFINE_bool("memory", True, "Compile against abstract inputs for XLA's memory analysis (timing compiles "
-                  "again, so --nomemory halves the compile time of a timing run).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs. --config, --batch_size, --rounds (0 = memory analysis
+  only: nothing runs) and --steps are bench_step's."""
+  bench_step.define_flags()
+  flags.DEFINE_list("micro_batch_sizes", ["8", "16", "32"], "Micro-batch sizes to compare with the one-shot step.")
+  flags.DEFINE_bool("memory", True, "Compile against abstract inputs for XLA's memory analysis (timing compiles "
+                    "again, so --nomemory halves the compile time of a timing run).")
 
 GB = 1e9
 
@@ -93,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -35,12 +35,16 @@ from mixreorg_jax import sharding
 from mixreorg_jax import train_step
 from mixreorg_jax.models import groupvit
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.", lock_config=True)
-flags.DEFINE_integer("batch_size", 0, "Global batch (0 = the config's).")
-flags.DEFINE_integer("rounds", 3, "Interleaved rounds; each runs every variant in turn.")
-flags.DEFINE_integer("steps", 3, "Timed steps per variant and round (after one untimed step).")
-flags.DEFINE_bool("torch", False, "Also time the transformers GroupViT train step on CPU torch.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (bench_micro_batch's too); defined only when it runs."""
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.", lock_config=True)
+  flags.DEFINE_integer("batch_size", 0, "Global batch (0 = the config's).")
+  flags.DEFINE_integer("rounds", 3, "Interleaved rounds; each runs every variant in turn.")
+  flags.DEFINE_integer("steps", 3, "Timed steps per variant and round (after one untimed step).")
+  flags.DEFINE_bool("torch", False, "Also time the transformers GroupViT train step on CPU torch.")
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"  # in GLIBC_TUNABLES: malloc backs large blocks with huge pages
 
@@ -187,4 +191,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -7,13 +7,15 @@ torch), and the vocab is read out of it. Run once on a machine with PyPI access,
 have. The default destination is mixreorg_jax.data.tokenizers.DEFAULT_CLIP_VOCAB ($MIXREORG_CACHE or
 ~/.cache/mixreorg_jax).
 """
-import argparse
 import glob
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
+
+from absl import app
+from absl import flags
 
 from mixreorg_jax.data import tokenizers
 
@@ -49,13 +51,18 @@ def ensure_clip_vocab(out: str = tokenizers.DEFAULT_CLIP_VOCAB, wheel: str = "")
     return extract_vocab(wheels[0], out)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--wheel", default="", help="an open_clip_torch wheel already on disk")
-  parser.add_argument("--out", default=tokenizers.DEFAULT_CLIP_VOCAB)
-  args = parser.parse_args(argv)
-  print(ensure_clip_vocab(args.out, args.wheel))
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string("wheel", "", "An open_clip_torch wheel already on disk.")
+  flags.DEFINE_string("out", tokenizers.DEFAULT_CLIP_VOCAB, "Where the vocab goes.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  print(ensure_clip_vocab(flags.FLAGS.out, flags.FLAGS.wheel))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

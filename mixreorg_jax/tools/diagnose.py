@@ -211,6 +211,7 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   from mixreorg_jax import inference  # pylint: disable=g-import-not-at-top
   from mixreorg_jax import zeroshot  # pylint: disable=g-import-not-at-top
   from mixreorg_jax.data import seg_datasets  # pylint: disable=g-import-not-at-top
+  from mixreorg_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   if not config.with_background:
     raise ValueError("diagnose needs a dataset with a background class (config.with_background=True): the "
                      "background false positives and the threshold curve are about it.")
@@ -220,7 +221,7 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
   variables = model.variables
   text_fn = zeroshot.make_text_fn(model.model)
   class_emb = zeroshot.class_embeddings(lambda t: text_fn(variables, t),
-                                        zeroshot.checkpoint_tokenizer(model.tokenizer),
+                                        tokenizers.checkpoint_tokenizer(model.tokenizer),
                                         zeroshot.foreground_names(class_names, True), config.prompt_templates)
   # The background rule off (threshold 0), so that the scores are the foreground ones for every threshold.
   protocol = dataclasses.replace(zeroshot.Protocol.from_config(config), bg_threshold=0.0)

@@ -27,11 +27,9 @@ import orbax.checkpoint as ocp
 from mixreorg_jax import checkpoint_io
 from mixreorg_jax import optim
 from mixreorg_jax import train_step
+from mixreorg_jax import workdir as workdir_lib
 from mixreorg_jax.models import groupvit
 
-# The workdir layout written by train.py (not imported: its absl flags would clash with these when both load).
-TRAIN_CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +45,7 @@ def define_flags() -> None:
 
 def load_train_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with, from WORKDIR/config.json (JSON lists become the configs' tuples)."""
-  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+  path = workdir_lib.config_path(workdir)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: pass --workdir of a training run, or give --config=configs/X.py.")
   with open(path) as f:
@@ -57,7 +55,7 @@ def load_train_config(workdir: str) -> ml_collections.ConfigDict:
 def restore_variables(workdir: str, config: ml_collections.ConfigDict,
                       step: Optional[int] = None) -> Tuple[Dict[str, Any], int]:
   """-> ({"params", "batch_stats"} as numpy arrays, step) from the workdir's latest (or `step`) checkpoint."""
-  ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
   with ocp.CheckpointManager(ckpt_dir) as manager:
     steps = manager.all_steps()
   if not steps:

@@ -34,8 +34,8 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 
 from mixreorg_jax import checkpoint_io
-from mixreorg_jax import zeroshot
-from mixreorg_jax.data import preprocess
+from mixreorg_jax.data import pixels
+from mixreorg_jax.data import tokenizers
 from mixreorg_jax.tools import convert_groupvit
 from mixreorg_jax.tools import state_dicts as sd
 
@@ -137,7 +137,7 @@ def write_clip_tokenizer(tokenizer, output: str) -> None:
 
 def write_preprocessor_config(image_size: int, normalization: str, output: str) -> None:
   """preprocessor_config.json: CLIPImageProcessor with the pixel statistics the weights expect."""
-  mean, std = preprocess.pixel_statistics(normalization)
+  mean, std = pixels.pixel_statistics(normalization)
   with open(os.path.join(output, "preprocessor_config.json"), "w") as f:
     json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
                "size": {"shortest_edge": image_size}, "do_center_crop": True,
@@ -152,7 +152,7 @@ def _tokenizer(block: Optional[Dict[str, Any]], vocab_size: int):
   if not block:
     return None
   try:
-    tokenizer = zeroshot.checkpoint_tokenizer(block)
+    tokenizer = tokenizers.checkpoint_tokenizer(block)
   except FileNotFoundError as e:
     logging.warning("No tokenizer files written: %s", e)
     return None

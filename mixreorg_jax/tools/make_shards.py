@@ -11,7 +11,6 @@ stored (mixreorg_jax.data.nouns). Example i goes to shard i mod N; a shard is wr
 renamed when done, so a rerun skips the shards that are complete. A summary (written, skipped and why) is
 printed and saved as DIR/<prefix>-summary.json.
 """
-import argparse
 import collections
 import csv
 import glob
@@ -22,6 +21,8 @@ import re
 import tarfile
 from typing import Dict, Iterator, Optional, Tuple
 
+from absl import app
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
@@ -154,30 +155,36 @@ def write_shards(records: Iterator[Record], out_dir: str, num_shards: int, prefi
   return summary
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--num_shards", type=int, default=16)
-  parser.add_argument("--prefix", default="train")
-  parser.add_argument("--no_nouns", action="store_true", help="do not store caption nouns")
-  parser.add_argument("--webdataset", default="")
-  parser.add_argument("--image_dir", default="")
-  parser.add_argument("--captions", default="")
-  parser.add_argument("--file_column", default="")
-  parser.add_argument("--text_column", default="")
-  parser.add_argument("--tfds", default="")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--tfds_data_dir", default="")
-  parser.add_argument("--image_key", default="image")
-  parser.add_argument("--text_key", default="caption")
-  a = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string("out", None, "Output directory of the shards.")
+  flags.DEFINE_integer("num_shards", 16, "Number of shards.")
+  flags.DEFINE_string("prefix", "train", "Shard file name prefix.")
+  flags.DEFINE_bool("no_nouns", False, "Do not store the caption nouns.")
+  flags.DEFINE_string("webdataset", "", "Source: WebDataset tar files (brace pattern).")
+  flags.DEFINE_string("image_dir", "", "Source: a folder of images (with --captions).")
+  flags.DEFINE_string("captions", "", "The captions of --image_dir: FILE.csv|tsv|jsonl.")
+  flags.DEFINE_string("file_column", "", "Column of the image file names in --captions.")
+  flags.DEFINE_string("text_column", "", "Column of the captions in --captions.")
+  flags.DEFINE_string("tfds", "", "Source: a TFDS dataset name.")
+  flags.DEFINE_string("split", "train", "TFDS split.")
+  flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir.")
+  flags.DEFINE_string("image_key", "image", "TFDS image feature.")
+  flags.DEFINE_string("text_key", "caption", "TFDS caption feature.")
+  flags.mark_flag_as_required("out")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  a = flags.FLAGS
   if sum(bool(x) for x in (a.webdataset, a.image_dir, a.tfds)) != 1:
-    parser.error("give exactly one source: --webdataset, --image_dir (+ --captions) or --tfds")
+    raise app.UsageError("give exactly one source: --webdataset, --image_dir (+ --captions) or --tfds")
   if a.webdataset:
     records = read_webdataset(a.webdataset)
   elif a.image_dir:
     if not a.captions:
-      parser.error("--image_dir needs --captions=FILE.csv|tsv|jsonl")
+      raise app.UsageError("--image_dir needs --captions=FILE.csv|tsv|jsonl")
     records = read_image_folder(a.image_dir, a.captions, a.file_column, a.text_column)
   else:
     records = read_tfds(a.tfds, a.split, a.tfds_data_dir, a.image_key, a.text_key)
@@ -187,4 +194,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

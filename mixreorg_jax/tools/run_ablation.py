@@ -28,11 +28,15 @@ import subprocess
 import sys
 import time
 import hashlib
+import importlib.util
 from typing import Dict, List, Sequence
 
 from absl import app
 from absl import flags
+import ml_collections
 import numpy as np
+
+from mixreorg_jax import workdir as workdir_lib
 
 VARIANTS = ("groupvit", "mixreorg", "no_context", "no_progressive", "no_restore", "k4")
 DESCRIPTIONS = {
@@ -44,6 +48,12 @@ DESCRIPTIONS = {
     "k4": "MixReorg, `mix.group_size=4`",
 }
 DEFAULT_RESULTS = "docs/results/demo_runs.jsonl"
+DEMO_CONFIG = "configs/demo.py"
+TUNING, HELD_OUT = "tuning", "heldout"  # the demo's evaluations (config.evals)
+# Keys added to the config after runs were recorded, at the value that trains as before (not fingerprinted then).
+UNFINGERPRINTED = {"debug_save_fault": "", "input.micro_batch_size": 0}
+# The demo's evaluation section before config.evals (one evaluation, the synthetic sets), fingerprinted then.
+RECORDED_EVAL_SECTION = {"config": "configs/eval/synthetic.py", "data_root": "", "every_steps": 0, "max_images": 0}
 
 FLAGS = flags.FLAGS
 
@@ -60,9 +70,25 @@ def define_flags() -> None:
                     "append their new metrics to --results.")
 
 
+def current_names(metrics: Dict[str, float]) -> Dict[str, float]:
+  """A run's metrics under the names of the demo's evaluations, eval/tuning/... and eval/heldout/....
+
+  Runs recorded before config.evals had one evaluation: its metrics (eval/mIoU, eval/per_class/<class>,
+  eval/tuned_bg_mIoU, ...) are those of the held-out set, and eval/tuning_mIoU was the tuning split's mIoU.
+  """
+  renamed = {}
+  for key, value in metrics.items():
+    if key == "eval/tuning_mIoU":
+      key = f"eval/{TUNING}/mIoU"
+    elif not key.startswith((f"eval/{TUNING}/", f"eval/{HELD_OUT}/")):
+      key = f"eval/{HELD_OUT}/" + key[len("eval/"):]
+    renamed[key] = value
+  return renamed
+
+
 def final_metrics(run_dir: str) -> Dict[str, float]:
   """The last eval/* scalars of a finished run (from its metrics.jsonl), or {} if it has none."""
-  path = os.path.join(run_dir, "metrics.jsonl")
+  path = workdir_lib.metrics_path(run_dir)
   if not os.path.exists(path):
     return {}
   found = {}
@@ -73,11 +99,35 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
   return found
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config file as `--config=` loads it: "configs/x.py" or "configs/x.py:arg" -> its get_config()."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config {path!r} does not exist (run from the repository root).")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def config_fingerprint(variant: str) -> str:
-  """12 hex digits of the SHA-1 of `configs/demo.py:<variant>` as JSON: changes whenever the demo config does."""
-  from mixreorg_jax import evaluate  # pylint: disable=g-import-not-at-top
-  config = evaluate.load_config_file(f"configs/demo.py:{variant}", "demo config")
-  return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+  """12 hex digits of the SHA-1 of what `configs/demo.py:<variant>` trains, as JSON: changes whenever the training
+  part of the demo config does, not when its evaluations do (re-evaluating a run is --reevaluate).
+
+  So that the runs in the results file keep their fingerprint, the keys added since at a default that trains the
+  same (UNFINGERPRINTED) are left out, and the evaluations stand as the section the runs were recorded with.
+  """
+  config = load_config(f"{DEMO_CONFIG}:{variant}").to_dict()
+  del config["evals"]
+  for key, default in UNFINGERPRINTED.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if node.get(name) == default:
+      del node[name]
+  config["eval"] = RECORDED_EVAL_SECTION
+  return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_key(variant: str, seed: str, extra: Sequence[str], fingerprint: str) -> str:
@@ -108,7 +158,7 @@ def _commit() -> str:
 
 
 def train_command(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> List[str]:
-  return [sys.executable, "-m", "mixreorg_jax.train", f"--config=configs/demo.py:{variant}", f"--workdir={run_dir}",
+  return [sys.executable, "-m", "mixreorg_jax.train", f"--config={DEMO_CONFIG}:{variant}", f"--workdir={run_dir}",
           f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
 
 
@@ -140,7 +190,7 @@ def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_pat
   now and appended to it. With reevaluate, a known run whose workdir is here is evaluated again."""
   key = run_key(variant, seed, extra, fingerprint)
   if key in known:
-    if not (reevaluate and os.path.isdir(os.path.join(run_dir, "checkpoints"))):
+    if not (reevaluate and os.path.isdir(workdir_lib.checkpoint_dir(run_dir))):
       return known[key]["metrics"]
     record = dict(known[key], metrics=train_run(variant, seed, run_dir, extra, reevaluate=True),
                   evaluated_commit=_commit())
@@ -172,20 +222,25 @@ def _mean_std_of(runs: List[Dict[str, float]], key: str) -> str:
 def table(results: Dict[str, List[Dict[str, float]]]) -> str:
   """Markdown: per variant, held-out mIoU (mean ± std and per seed), tuning-split mIoU, held-out mIoU at the
   background threshold chosen on the tuning split (mean ± std and per seed), image-level zero-shot top-1 and
-  groups per image (mean ± std over seeds), then the chance and untrained-model baselines over all runs."""
+  groups per image (mean ± std over seeds), then the chance and untrained-model baselines over all runs. Runs
+  recorded under the names from before config.evals read the same (current_names)."""
   lines = ["| variant | held-out mIoU (mean ± std) | mIoU per seed | tuning mIoU | held-out mIoU, threshold "
            "tuned | tuned, per seed | image-level top-1 % | groups per image |",
            "|---|---|---|---|---|---|---|---|"]
   per_seed = lambda values: ", ".join(f"{m:.1f}" for m in values)  # noqa: E731
+  held_out = f"eval/{HELD_OUT}"
   for variant, runs in results.items():
-    mious = [r["eval/mIoU"] for r in runs]
-    tuned = _logged(runs, "eval/tuned_bg_mIoU")
+    runs = [current_names(r) for r in runs]
+    mious = _logged(runs, f"{held_out}/mIoU")
+    tuned = _logged(runs, f"{held_out}/tuned_bg_mIoU")
     lines.append(f"| {DESCRIPTIONS.get(variant, variant)} | {_mean_std(mious)} | {per_seed(mious)} | "
-                 f"{_mean_std_of(runs, 'eval/tuning_mIoU')} | {_mean_std(tuned)} | {per_seed(tuned)} | "
-                 f"{_mean_std_of(runs, 'eval/image_top1')} | {_mean_std_of(runs, 'eval/groups_per_image')} |")
-  all_runs = [r for runs in results.values() for r in runs]
-  baselines = (("eval/chance_mIoU", "eval/image_top1_chance", "chance (random group assignment / random class)"),
-               ("eval/untrained_mIoU", None, "untrained model (the runs' initial parameters)"))
+                 f"{_mean_std_of(runs, f'eval/{TUNING}/mIoU')} | {_mean_std(tuned)} | {per_seed(tuned)} | "
+                 f"{_mean_std_of(runs, f'{held_out}/image_top1')} | "
+                 f"{_mean_std_of(runs, f'{held_out}/groups_per_image')} |")
+  all_runs = [current_names(r) for runs in results.values() for r in runs]
+  baselines = ((f"{held_out}/chance_mIoU", f"{held_out}/image_top1_chance",
+                "chance (random group assignment / random class)"),
+               (f"{held_out}/untrained_mIoU", None, "untrained model (the runs' initial parameters)"))
   for miou_key, top1_key, description in baselines:
     values = _logged(all_runs, miou_key)
     if values:
