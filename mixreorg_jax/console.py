@@ -11,7 +11,8 @@ and calls `console.to_log_file(path)` in main(), once it knows where its outputs
     and above from anyone;
   - the log file gets every record (INFO up, every library: orbax, clu, jax, their warnings and Python warnings)
     and everything written to file descriptors 1 and 2 by native code (TensorFlow's and XLA's C++ logging, gloo,
-    fatal traces), including what was held since start-up. The trainer logs into its workdir; a tool without one into tool_log_path(tool).
+    fatal traces), including what was held since start-up. The trainer logs into its workdir; a tool without one
+    into tool_log_path(tool).
 `--verbose` (every tool has it) brings the old behaviour back: everything on the console, no log file.
 """
 import logging

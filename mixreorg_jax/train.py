@@ -95,8 +95,8 @@ class PeerWatch:
   every process's. When none has changed for config.peer_timeout_seconds (config.peer_timeout_long_seconds in the
   LONG_PHASES), the processes at the earliest step are hung (those of them not WAITING for the device, if any):
   the others wait for them in a collective, at a later step or at the same one. Every process, the hung ones
-  included, then stops in the same way. A service that takes SERVICE_TIMEOUT_SECONDS to answer (process 0, which runs it, is
-  frozen) stops the others too. With one process, nothing runs.
+  included, then stops in the same way. A service that takes SERVICE_TIMEOUT_SECONDS to answer (process 0, which
+  runs it, is frozen) stops the others too. With one process, nothing runs.
   """
 
   def __init__(self, ckpt_dir: str, timeout_seconds: float, long_timeout_seconds: float,
@@ -108,6 +108,7 @@ class PeerWatch:
     self._threads = [threading.Thread(target=self._watch_live, name="peer_watch_live", daemon=True),
                      threading.Thread(target=self._watch_progress, name="peer_watch_progress", daemon=True)]
     self._seen: Dict[int, tuple] = {}  # process -> (its (step, phase), when this process first saw it)
+    self._published = ""
     self.step = 0  # the step the loop is on, and what it does in it; kept current by the loop.
     self.phase = "setup"
 
@@ -140,8 +141,13 @@ class PeerWatch:
     return [i for i in range(self._count) if i not in alive]
 
   def _progress(self) -> Dict[int, str]:
-    """Publishes this process's "step phase" and returns every process's (the ones not yet published absent)."""
-    self._client.key_value_set(f"{PROGRESS_KEY}{self._index}", f"{self.step} {self.phase}", allow_overwrite=True)
+    """Publishes this process's "step phase" if it changed and returns every process's (absent: not yet published).
+
+    One small request a second per process, and one more when its step or phase changed.
+    """
+    if (mine := f"{self.step} {self.phase}") != self._published:
+      self._client.key_value_set(f"{PROGRESS_KEY}{self._index}", mine, allow_overwrite=True)
+      self._published = mine
     return {int(key.rpartition("/")[2]): value for key, value in self._client.key_value_dir_get(PROGRESS_KEY)}
 
   def hung(self, progress: Dict[int, str], now: float) -> Dict[int, tuple]:
