@@ -78,7 +78,12 @@ SERVICE_TIMEOUT_SECONDS = HEARTBEAT_TIMEOUT_SECONDS / 2
 LONG_PHASES = ("setup", "save", "eval", "hooks")
 # The phase of a loop waiting for the device (a step's results), and so maybe for a peer's part of a collective.
 WAITING = "sync"
-PROGRESS_KEY = "mixreorg_jax/progress/"
+# The peer watch's keys in the coordination service: progress_<process> ("step phase"), stop (the first verdict:
+# what happened, who is gone) and stopped_<process> (that process has printed it and is exiting).
+KEYS = "mixreorg_jax/"
+# Process 0 runs the coordination service, and every process still connected to it aborts (a native trace, status
+# -6) when it exits: so it waits this long at most for the others to print the verdict and exit first.
+STOP_GRACE_SECONDS = 10
 
 
 class PeerWatch:
@@ -96,7 +101,8 @@ class PeerWatch:
   LONG_PHASES), the processes at the earliest step are hung (those of them not WAITING for the device, if any):
   the others wait for them in a collective, at a later step or at the same one. Every process, the hung ones
   included, then stops in the same way. A service that takes SERVICE_TIMEOUT_SECONDS to answer (process 0, which
-  runs it, is frozen) stops the others too. With one process, nothing runs.
+  runs it, is frozen) stops the others too. Every process prints the first process's verdict, and process 0 exits
+  last (its exit ends the service). With one process, nothing runs.
   """
 
   def __init__(self, ckpt_dir: str, timeout_seconds: float, long_timeout_seconds: float,
@@ -109,6 +115,7 @@ class PeerWatch:
                      threading.Thread(target=self._watch_progress, name="peer_watch_progress", daemon=True)]
     self._seen: Dict[int, tuple] = {}  # process -> (its (step, phase), when this process first saw it)
     self._published = ""
+    self._exiting = threading.Lock()  # the first thread to stop the process holds it until the exit.
     self.step = 0  # the step the loop is on, and what it does in it; kept current by the loop.
     self.phase = "setup"
 
@@ -140,15 +147,34 @@ class PeerWatch:
       return [0]
     return [i for i in range(self._count) if i not in alive]
 
-  def _progress(self) -> Dict[int, str]:
-    """Publishes this process's "step phase" if it changed and returns every process's (absent: not yet published).
+  def _publish_and_read(self) -> Dict[str, str]:
+    """Publishes this process's "step phase" if it changed; returns every key of the peer watch (KEYS).
 
     One small request a second per process, and one more when its step or phase changed.
     """
     if (mine := f"{self.step} {self.phase}") != self._published:
-      self._client.key_value_set(f"{PROGRESS_KEY}{self._index}", mine, allow_overwrite=True)
+      self._client.key_value_set(f"{KEYS}progress_{self._index}", mine, allow_overwrite=True)
       self._published = mine
-    return {int(key.rpartition("/")[2]): value for key, value in self._client.key_value_dir_get(PROGRESS_KEY)}
+    return dict(self._client.key_value_dir_get(KEYS))
+
+  @staticmethod
+  def _within(seconds: float, fn):
+    """fn() from a helper thread, so that a frozen service cannot freeze the caller. -> (its result, None), or
+    (None, the error: TimeoutError if no answer came)."""
+    out: Dict[str, Any] = {}
+
+    def call():
+      try:
+        out["result"] = fn()
+      except Exception as e:  # the service is gone with process 0.
+        out["error"] = e
+
+    thread = threading.Thread(target=call, name="peer_watch_ask", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if "result" in out:
+      return out["result"], None
+    return None, out.get("error", TimeoutError(f"the coordination service did not answer within {seconds:g} s"))
 
   def hung(self, progress: Dict[int, str], now: float) -> Dict[int, tuple]:
     """{process: (its step, seconds without progress)} of the hung processes, from every process's "step phase".
@@ -174,28 +200,22 @@ class PeerWatch:
     # get_live_nodes returns once every live process has asked (or the service has dropped the missing ones).
     while not self._stop.wait(PEER_POLL_SECONDS):
       if (lost := self.lost()) and not self._stop.is_set():  # once training is over, a peer may finish first.
-        self._exit(f"Process {self._ids(lost)} of {self._count} lost at step {self.step}")
-
-  def _ask(self, answer: Dict[str, Any]) -> None:
-    try:
-      answer["progress"] = self._progress()
-    except Exception as e:  # the service is gone with process 0.
-      answer["error"] = e
+        self._exit(f"Process {self._ids(lost)} of {self._count} lost at step {self.step}", gone=lost)
 
   def _watch_progress(self) -> None:
-    answer: Dict[str, Any] = {}
     while not self._stop.wait(PEER_POLL_SECONDS):
-      answer.clear()
-      # Asked from a helper thread, so that a frozen service (process 0 stopped) cannot freeze this watch too.
-      asking = threading.Thread(target=self._ask, args=(answer,), name="peer_watch_ask", daemon=True)
-      asking.start()
-      asking.join(SERVICE_TIMEOUT_SECONDS)
+      keys, error = self._within(SERVICE_TIMEOUT_SECONDS, self._publish_and_read)
       if self._stop.is_set():
         return
-      if "progress" not in answer:
-        self._exit(f"Process 0 of {self._count} (the coordination service) lost at step {self.step}",
-                   answer.get("error"))
-      if hung := self.hung(answer["progress"], time.monotonic()):
+      if error is not None:
+        self._exit(f"Process 0 of {self._count} (the coordination service) lost at step {self.step}", error,
+                   service_gone=True)
+      if f"{KEYS}stop" in keys:  # another process stopped the run: the same verdict here.
+        verdict = json.loads(keys[f"{KEYS}stop"])
+        self._exit(verdict["what"], gone=verdict["gone"])
+      progress = {int(key.rpartition("_")[2]): value for key, value in keys.items()
+                  if key.startswith(f"{KEYS}progress_")}
+      if hung := self.hung(progress, time.monotonic()):
         step, seconds = max(hung.values(), key=lambda v: v[1])
         self._exit(f"Process {self._ids(hung)} of {self._count} hung at step {step} (no progress for {seconds:.0f} "
                    f"s; config.peer_timeout_seconds={self._timeouts[0]:g}, peer_timeout_long_seconds="
@@ -208,23 +228,50 @@ class PeerWatch:
     deadline = time.time() + HEARTBEAT_TIMEOUT_SECONDS + 5 * PEER_POLL_SECONDS
     while time.time() < deadline:
       if lost := self.lost():
-        self._exit(f"Process {self._ids(lost)} of {self._count} lost at step {self.step}", error)
+        self._exit(f"Process {self._ids(lost)} of {self._count} lost at step {self.step}", error, gone=lost)
       time.sleep(PEER_POLL_SECONDS)
 
   @staticmethod
   def _ids(processes) -> str:
     return ", ".join(map(str, sorted(processes)))
 
-  def _exit(self, what: str, error: Optional[Exception] = None) -> None:
-    """Prints `what` happened (which processes, at which step), this process's stop and the checkpoint; exits."""
-    logging.error("%s; stopping process %d. The latest complete checkpoint is step %s in %s; relaunch every process "
-                  "to resume from it.%s", what, self._index, latest_complete_step(self._ckpt_dir), self._ckpt_dir,
-                  f" ({type(error).__name__}; details in the log file)" if error else "")
-    if error is not None:
-      logging.info("The error: %r", error, extra=console.LOG_FILE_ONLY)
-    logging.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_PEER_LOST)
+  def _exit(self, what: str, error: Optional[Exception] = None, gone=(), service_gone: bool = False) -> None:
+    """Prints what happened (which processes, at which step), this process's stop and the checkpoint; exits.
+
+    The first process to stop publishes its verdict (`what`, and the processes `gone` for good); every other one
+    prints that same verdict when it reads it, within PEER_POLL_SECONDS. Process 0 exits last (see
+    STOP_GRACE_SECONDS).
+    """
+    with self._exiting:
+      if not service_gone:
+        verdict = json.dumps({"what": what, "gone": sorted(gone)})
+        self._within(SERVICE_TIMEOUT_SECONDS, lambda: self._client.key_value_set(f"{KEYS}stop", verdict))
+        first, _ = self._within(SERVICE_TIMEOUT_SECONDS, lambda: self._client.key_value_try_get(f"{KEYS}stop"))
+        if first:  # ours, or one set a moment earlier by another process.
+          what, gone = json.loads(first)["what"], json.loads(first)["gone"]
+      logging.error("%s; stopping process %d. The latest complete checkpoint is step %s in %s; relaunch every "
+                    "process to resume from it.%s", what, self._index, latest_complete_step(self._ckpt_dir),
+                    self._ckpt_dir, f" ({type(error).__name__}; details in the log file)" if error else "")
+      if error is not None:
+        logging.info("The error: %r", error, extra=console.LOG_FILE_ONLY)
+      logging.flush()
+      sys.stderr.flush()
+      if not service_gone:
+        self._within(SERVICE_TIMEOUT_SECONDS,
+                     lambda: self._client.key_value_set(f"{KEYS}stopped_{self._index}", "", allow_overwrite=True))
+        if self._index == 0:
+          self._wait_for_the_others(set(range(1, self._count)) - set(gone))
+      os._exit(EXIT_PEER_LOST)
+
+  def _wait_for_the_others(self, waiting: set) -> None:
+    """Process 0: until every process in `waiting` has said it stops, STOP_GRACE_SECONDS at most."""
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while waiting and time.monotonic() < deadline:
+      keys, error = self._within(SERVICE_TIMEOUT_SECONDS, lambda: self._client.key_value_dir_get(KEYS))
+      if error is not None:
+        return
+      waiting -= {int(key.rpartition("_")[2]) for key, _ in keys if key.startswith(f"{KEYS}stopped_")}
+      time.sleep(0.2)
 
 
 def hang_fault(spec: str, step: int) -> None:

@@ -185,8 +185,7 @@ def test_two_processes_preempted_then_peer_lost_stopped_hung_resume_exactly(synt
   wait_for(lambda: max(common.losses(workdir), default=0) >= 13, procs[0])  # process 1 hangs as it starts step 14.
   since = time.time()
   seconds["hung"] = stops_for_a_peer(procs[0], workdir, "hung_0.txt", since, "Process 1 of 2 hung")
-  # Process 1 finds itself hung, or process 0 (and the coordination service) gone.
-  stops_for_a_peer(procs[1], workdir, "hung_1.txt", since, "Process (1 of 2 hung|0 of 2 .*lost)")
+  stops_for_a_peer(procs[1], workdir, "hung_1.txt", since, "Process 1 of 2 hung")  # the same verdict, first.
   assert train.latest_complete_step(ckpts) == 12
 
   assert [p.wait(timeout=900) for p in start_two_processes(processes, config, workdir, "resumed")] == [0, 0]
