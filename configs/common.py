@@ -20,6 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0  # > 0: write a profiler trace of this many steps after the first log_steps.
   c.debug_nan_step = -1  # test hook: >= 0 poisons the gradients from this step on (NaN guard tests) ...
   c.debug_nan_steps = 1  # ... for this many steps.
+  # Several processes: when no process's loop has moved for this long, the ones at the earliest step are taken for
+  # hung and every process stops (status 75, as for a lost one); the first step after a (re)start, saves,
+  # evaluations and the periodic hooks (profile) may take peer_timeout_long_seconds.
+  c.peer_timeout_seconds = 20
+  c.peer_timeout_long_seconds = 1800
+  c.debug_hang = ""  # test hook: "PROCESS:STEP" hangs that process's loop at STEP, its threads still running.
   c.debug_save_fault = ""  # test hook: "kill:STEP" SIGKILLs the run mid-save of STEP, "enospc:STEP" fails it.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices.
 

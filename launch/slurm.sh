@@ -9,8 +9,12 @@
 # coordinator address, process count and index from the SLURM environment (its cluster auto-detection), binding
 # each process to its local GPU(s). The workdir must be on a filesystem every node sees. SLURM sends SIGTERM
 # before the time limit or on preemption (--signal below asks for it 120 s ahead); the processes agree on a step,
-# save it and exit, and `sbatch --requeue` / re-submitting resumes from it. A process that loses a peer exits with
-# status 75 (--kill-on-bad-exit then ends the rest); srun returns the failing status, and re-submitting resumes.
+# save it and exit 0, and `sbatch --requeue` / re-submitting resumes from it. A process that loses a peer (dead or
+# hung) stops within ~30 s with one message and status 75. srun runs with --kill-on-bad-exit=0, so the first
+# process to fail does not take the others down before they print theirs; --wait=GRACE (default 60 s) then ends
+# any left. The script exits with the status of the first process (in process order) that failed with something
+# other than 75, else 75 if any lost a peer (a dead host leaves no status; re-submit or requeue to resume), else 0;
+# each process's status is in WORKDIR/exit_status/<process>.
 #SBATCH --job-name=mixreorg
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -21,10 +25,11 @@
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-  sed -n '2,13p' "$0"; exit 2
+  sed -n '2,18p' "$0"; exit 2
 fi
 CONFIG=$1; WORKDIR=$2; shift 2
 PYTHON=${PYTHON:-python}
+GRACE=${GRACE:-60}
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
 if [[ "${PER_HOST:-0}" == 1 ]]; then
@@ -32,6 +37,27 @@ if [[ "${PER_HOST:-0}" == 1 ]]; then
 else
   TASKS=(--ntasks-per-node="${SLURM_NTASKS_PER_NODE:-8}" --gpus-per-task=1)
 fi
-export TF_CPP_MIN_LOG_LEVEL=2
-srun "${TASKS[@]}" --kill-on-bad-exit=1 \
-  "$PYTHON" -m mixreorg_jax.train --config="$CONFIG" --workdir="$WORKDIR" --multihost "$@"
+STATUS_DIR=$WORKDIR/exit_status
+mkdir -p "$STATUS_DIR"
+rm -f "$STATUS_DIR"/*
+export TF_CPP_MIN_LOG_LEVEL=2 STATUS_DIR
+code=0
+# Each task records its trainer's status (bash -c: "$@" is the trainer's command line).
+srun "${TASKS[@]}" --kill-on-bad-exit=0 --wait="$GRACE" bash -c \
+  'code=0; "$@" || code=$?; echo "$code" > "$STATUS_DIR/$SLURM_PROCID"; exit "$code"' task \
+  "$PYTHON" -m mixreorg_jax.train --config="$CONFIG" --workdir="$WORKDIR" --multihost "$@" || code=$?
+
+status=0
+written=0
+for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do
+  if [[ -f "$STATUS_DIR/$i" ]]; then task=$(< "$STATUS_DIR/$i"); written=$((written + 1)); else task=lost; fi
+  [[ "$task" == 0 ]] && continue
+  echo "process $i: exit status $task" >&2
+  if [[ "$task" != 75 && "$task" != lost && ( "$status" == 0 || "$status" == 75 ) ]]; then
+    status=$task  # the first real failure: not a peer's loss, so not for requeueing blindly.
+  elif [[ "$status" == 0 ]]; then
+    status=75
+  fi
+done
+if [[ "$written" -eq 0 ]]; then status=$code; fi  # srun started no trainer: its own status.
+exit "$status"

@@ -7,10 +7,12 @@ Every command line tool starts with
     console.hold_native_output()   # before TensorFlow, XLA and orbax load and print their start-up banners
 
 and calls `console.to_log_file(path)` in main(), once it knows where its outputs go. From then on:
-  - the console shows the INFO records of mixreorg_jax's own modules and WARNING and above from anyone;
-  - the log file gets every record (INFO up, every library: orbax, clu, jax) and everything written to file
-    descriptors 1 and 2 by native code (TensorFlow's and XLA's C++ logging, gloo, fatal traces), including what
-    was held since start-up. The trainer logs into its workdir; a tool without one into tool_log_path(tool).
+  - the console shows the records of mixreorg_jax's own modules from INFO up (their warnings included) and ERROR
+    and above from anyone;
+  - the log file gets every record (INFO up, every library: orbax, clu, jax, their warnings and Python warnings)
+    and everything written to file descriptors 1 and 2 by native code (TensorFlow's and XLA's C++ logging, gloo,
+    fatal traces), including what was held since start-up. The trainer logs into its workdir; a tool without one
+    into tool_log_path(tool).
 `--verbose` (every tool has it) brings the old behaviour back: everything on the console, no log file.
 """
 import logging
@@ -49,13 +51,18 @@ def hold_native_output() -> None:
     setattr(sys, name, open(console_fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace"))
 
 
-class _ConsoleFilter(logging.Filter):
-  """Passes WARNING and above from anyone, and INFO from this package's own modules unless marked LOG_FILE_ONLY."""
+class ConsoleFilter(logging.Filter):
+  """Passes ERROR and above from anyone, and INFO up from this package's own modules unless marked LOG_FILE_ONLY.
+
+  A library's warnings (orbax's notes on checkpointing and preemption, deprecations) go only to the log file;
+  Python warnings (logging.captureWarnings) count as this package's when it issued them.
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.WARNING:
+    if record.levelno >= logging.ERROR:
       return True
-    return record.pathname.startswith(PACKAGE_DIR) and getattr(record, "console", True)
+    ours = (record.getMessage() if record.name == "py.warnings" else record.pathname).startswith(PACKAGE_DIR)
+    return ours and getattr(record, "console", True)
 
 
 def tool_log_path(tool: str) -> str:
@@ -91,7 +98,8 @@ def to_log_file(path: str) -> Optional[str]:
   absl_logging.set_verbosity(absl_logging.INFO)
   console = absl_logging.get_absl_handler().python_handler
   console.stream = sys.stderr
-  console.addFilter(_ConsoleFilter())
+  console.addFilter(ConsoleFilter())
+  logging.captureWarnings(True)  # warnings.warn goes through logging: the file, and the console if ours.
   console.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
   logging.info("Library INFO and native output go to %s (%s shows them here).", path, VERBOSE_FLAG)
   return path

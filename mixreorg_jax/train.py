@@ -75,28 +75,69 @@ EXIT_PEER_LOST = 75
 # watch then sees it gone within PEER_POLL_SECONDS, so a survivor stops within ~15 s of the loss.
 HEARTBEAT_TIMEOUT_SECONDS = 10
 PEER_POLL_SECONDS = 1.0
+# A question to the coordination service that takes this long means process 0, which runs it, is frozen.
+SERVICE_TIMEOUT_SECONDS = HEARTBEAT_TIMEOUT_SECONDS / 2
+# The loop's phases in which a step may take config.peer_timeout_long_seconds: the first step after a (re)start
+# (it waits for every peer's compile and the input's warm-up), saves, evaluations and the periodic hooks (profile).
+LONG_PHASES = ("setup", "save", "eval", "hooks")
+# The phase of a loop waiting for the device (a step's results), and so maybe for a peer's part of a collective.
+WAITING = "sync"
+# The peer watch's keys in the coordination service: progress_<process> ("step phase"), stop (the first verdict:
+# what happened, who is gone) and stopped_<process> (that process has printed it and is exiting).
+KEYS = "mixreorg_jax/"
+# Process 0 runs the coordination service, and every process still connected to it aborts (a native trace, status
+# -6) when it exits: so it waits this long at most for the others to print the verdict and exit first.
+STOP_GRACE_SECONDS = 10
 
 
 class PeerWatch:
-  """Stops this process cleanly when another process of a multi-process run is lost.
+  """Stops this process cleanly when another process of a multi-process run is lost or hung.
 
-  A thread asks the coordination service every PEER_POLL_SECONDS which processes are alive; the loop also calls
+  One thread asks the coordination service every PEER_POLL_SECONDS which processes are alive; the loop also calls
   `collective_failed()` when a collective raises (a dead peer resets gloo's connections at once), which waits
   for the service to tell which process is gone. Either way one message (the lost processes, the step reached,
   the latest complete checkpoint) goes to the console and the process exits with EXIT_PEER_LOST, skipping
   jax.distributed's shutdown: that would wait for the lost peer and then abort with a native trace.
+
+  A process can also stop making progress while its heartbeats go on (a hung filesystem, a deadlock). So a second
+  thread publishes the loop's step and phase in the service's key-value store every PEER_POLL_SECONDS and reads
+  every process's. When none has changed for config.peer_timeout_seconds (config.peer_timeout_long_seconds in the
+  LONG_PHASES), the processes at the earliest step are hung (those of them not WAITING for the device, if any):
+  the others wait for them in a collective, at a later step or at the same one. Every process, the hung ones
+  included, then stops in the same way. A service that takes SERVICE_TIMEOUT_SECONDS to answer (process 0, which
+  runs it, is frozen) stops the others too. Every process prints the first process's verdict, and process 0 exits
+  last (its exit ends the service). With one process, nothing runs.
   """
 
-  def __init__(self, ckpt_dir: str):
-    from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
-    self._client = distributed.global_state.client
+  def __init__(self, ckpt_dir: str, timeout_seconds: float, long_timeout_seconds: float,
+               process_count: Optional[int] = None):
     self._ckpt_dir = ckpt_dir
+    self._timeouts = (timeout_seconds, long_timeout_seconds)
+    self._count, self._index = process_count or jax.process_count(), jax.process_index()
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._watch, name="peer_watch", daemon=True)
-    self.step = 0  # the step the loop is on, kept current by the loop.
+    self._threads = [threading.Thread(target=self._watch_live, name="peer_watch_live", daemon=True),
+                     threading.Thread(target=self._watch_progress, name="peer_watch_progress", daemon=True)]
+    self._seen: Dict[int, tuple] = {}  # process -> (its (step, phase), when this process first saw it)
+    self._published = ""
+    self._exiting = threading.Lock()  # the first thread to stop the process holds it until the exit.
+    self.step = 0  # the step the loop is on, and what it does in it; kept current by the loop.
+    self.phase = "setup"
+
+  @contextlib.contextmanager
+  def during(self, phase: str):
+    """Marks a part of the step (a save, an evaluation, a wait for the device) as `phase`."""
+    previous, self.phase = self.phase, phase
+    try:
+      yield
+    finally:
+      self.phase = previous
 
   def __enter__(self):
-    self._thread.start()
+    if self._count > 1:
+      from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
+      self._client = distributed.global_state.client
+      for thread in self._threads:
+        thread.start()
     return self
 
   def __exit__(self, *exc_info):
@@ -105,35 +146,149 @@ class PeerWatch:
   def lost(self) -> List[int]:
     """The processes the coordination service no longer counts as alive ([0] if the service itself is gone)."""
     try:
-      alive = self._client.get_live_nodes(list(range(jax.process_count())))
+      alive = self._client.get_live_nodes(list(range(self._count)))
     except Exception:  # the service runs in process 0: no answer means process 0 is lost.
       return [0]
-    return [i for i in range(jax.process_count()) if i not in alive]
+    return [i for i in range(self._count) if i not in alive]
 
-  def _watch(self) -> None:
+  def _publish_and_read(self) -> Dict[str, str]:
+    """Publishes this process's "step phase" if it changed; returns every key of the peer watch (KEYS).
+
+    One small request a second per process, and one more when its step or phase changed.
+    """
+    if (mine := f"{self.step} {self.phase}") != self._published:
+      self._client.key_value_set(f"{KEYS}progress_{self._index}", mine, allow_overwrite=True)
+      self._published = mine
+    return dict(self._client.key_value_dir_get(KEYS))
+
+  @staticmethod
+  def _within(seconds: float, fn):
+    """fn() from a helper thread, so that a frozen service cannot freeze the caller. -> (its result, None), or
+    (None, the error: TimeoutError if no answer came)."""
+    out: Dict[str, Any] = {}
+
+    def call():
+      try:
+        out["result"] = fn()
+      except Exception as e:  # the service is gone with process 0.
+        out["error"] = e
+
+    thread = threading.Thread(target=call, name="peer_watch_ask", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if "result" in out:
+      return out["result"], None
+    return None, out.get("error", TimeoutError(f"the coordination service did not answer within {seconds:g} s"))
+
+  def hung(self, progress: Dict[int, str], now: float) -> Dict[int, tuple]:
+    """{process: (its step, seconds without progress)} of the hung processes, from every process's "step phase".
+
+    Hung: no process has moved for the timeout of the phase of a process at the earliest step, which is one; of
+    those, the ones not WAITING for the device if there are any (a waiting one waits for them).
+    """
+    steps = {}
+    for i in range(self._count):
+      step, _, phase = progress.get(i, "0 setup").partition(" ")
+      if self._seen.get(i, (None,))[0] != (step, phase):
+        self._seen[i] = ((step, phase), now)
+      steps[i] = int(step)
+    # The whole run must be still: a process that only waited for a slower one starts its count when that moved.
+    still = now - max(since for _, since in self._seen.values())
+    first = min(steps.values())
+    earliest = {i: phase for i, ((_, phase), _) in self._seen.items() if steps[i] == first}
+    culprits = [i for i, phase in earliest.items() if phase != WAITING] or list(earliest)
+    return {i: (first, now - self._seen[i][1]) for i in culprits
+            if still > self._timeouts[earliest[i] in LONG_PHASES]}
+
+  def _watch_live(self) -> None:
+    # get_live_nodes returns once every live process has asked (or the service has dropped the missing ones).
     while not self._stop.wait(PEER_POLL_SECONDS):
       if (lost := self.lost()) and not self._stop.is_set():  # once training is over, a peer may finish first.
-        self._exit(lost)
+        self._exit(f"Process {self._ids(lost)} of {self._count} lost at step {self.step}", gone=lost)
+
+  def _watch_progress(self) -> None:
+    while not self._stop.wait(PEER_POLL_SECONDS):
+      keys, error = self._within(SERVICE_TIMEOUT_SECONDS, self._publish_and_read)
+      if self._stop.is_set():
+        return
+      if error is not None:
+        self._exit(f"Process 0 of {self._count} (the coordination service) lost at step {self.step}", error,
+                   service_gone=True)
+      if f"{KEYS}stop" in keys:  # another process stopped the run: the same verdict here.
+        verdict = json.loads(keys[f"{KEYS}stop"])
+        self._exit(verdict["what"], gone=verdict["gone"])
+      progress = {int(key.rpartition("_")[2]): value for key, value in keys.items()
+                  if key.startswith(f"{KEYS}progress_")}
+      if hung := self.hung(progress, time.monotonic()):
+        step, seconds = max(hung.values(), key=lambda v: v[1])
+        self._exit(f"Process {self._ids(hung)} of {self._count} hung at step {step} (no progress for {seconds:.0f} "
+                   f"s; config.peer_timeout_seconds={self._timeouts[0]:g}, peer_timeout_long_seconds="
+                   f"{self._timeouts[1]:g} in {'/'.join(LONG_PHASES)})")
 
   def collective_failed(self, error: Exception) -> None:
-    """Exits as _watch would if a process is lost within the heartbeat timeout; returns if none is."""
+    """Exits as _watch_live would if a process is lost within the heartbeat timeout; returns if none is."""
+    if self._count == 1:
+      return
     deadline = time.time() + HEARTBEAT_TIMEOUT_SECONDS + 5 * PEER_POLL_SECONDS
     while time.time() < deadline:
       if lost := self.lost():
-        self._exit(lost, error)
+        self._exit(f"Process {self._ids(lost)} of {self._count} lost at step {self.step}", error, gone=lost)
       time.sleep(PEER_POLL_SECONDS)
 
-  def _exit(self, lost: List[int], error: Optional[Exception] = None) -> None:
-    logging.error("Process %s of %d lost at step %d; stopping process %d. The latest complete checkpoint is step "
-                  "%s in %s; relaunch every process to resume from it.%s", ", ".join(map(str, lost)),
-                  jax.process_count(), self.step, jax.process_index(), latest_complete_step(self._ckpt_dir),
-                  self._ckpt_dir, f" ({type(error).__name__} in a collective; details in the log file)"
-                  if error else "")
-    if error is not None:
-      logging.info("The collective's error: %r", error, extra=console.LOG_FILE_ONLY)
-    logging.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_PEER_LOST)
+  @staticmethod
+  def _ids(processes) -> str:
+    return ", ".join(map(str, sorted(processes)))
+
+  def _exit(self, what: str, error: Optional[Exception] = None, gone=(), service_gone: bool = False) -> None:
+    """Prints what happened (which processes, at which step), this process's stop and the checkpoint; exits.
+
+    The first process to stop publishes its verdict (`what`, and the processes `gone` for good); every other one
+    prints that same verdict when it reads it, within PEER_POLL_SECONDS. Process 0 exits last (see
+    STOP_GRACE_SECONDS).
+    """
+    with self._exiting:
+      if not service_gone:
+        verdict = json.dumps({"what": what, "gone": sorted(gone)})
+        self._within(SERVICE_TIMEOUT_SECONDS, lambda: self._client.key_value_set(f"{KEYS}stop", verdict))
+        first, _ = self._within(SERVICE_TIMEOUT_SECONDS, lambda: self._client.key_value_try_get(f"{KEYS}stop"))
+        if first:  # ours, or one set a moment earlier by another process.
+          what, gone = json.loads(first)["what"], json.loads(first)["gone"]
+      logging.error("%s; stopping process %d. The latest complete checkpoint is step %s in %s; relaunch every "
+                    "process to resume from it.%s", what, self._index, latest_complete_step(self._ckpt_dir),
+                    self._ckpt_dir, f" ({type(error).__name__}; details in the log file)" if error else "")
+      if error is not None:
+        logging.info("The error: %r", error, extra=console.LOG_FILE_ONLY)
+      logging.flush()
+      sys.stderr.flush()
+      if not service_gone:
+        self._within(SERVICE_TIMEOUT_SECONDS,
+                     lambda: self._client.key_value_set(f"{KEYS}stopped_{self._index}", "", allow_overwrite=True))
+        if self._index == 0:
+          self._wait_for_the_others(set(range(1, self._count)) - set(gone))
+      os._exit(EXIT_PEER_LOST)
+
+  def _wait_for_the_others(self, waiting: set) -> None:
+    """Process 0: until every process in `waiting` has said it stops, STOP_GRACE_SECONDS at most."""
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while waiting and time.monotonic() < deadline:
+      keys, error = self._within(SERVICE_TIMEOUT_SECONDS, lambda: self._client.key_value_dir_get(KEYS))
+      if error is not None:
+        return
+      waiting -= {int(key.rpartition("_")[2]) for key, _ in keys if key.startswith(f"{KEYS}stopped_")}
+      time.sleep(0.2)
+
+
+def hang_fault(spec: str, step: int) -> None:
+  """Test hook config.debug_hang: "PROCESS:STEP" hangs that process's loop at the start of step STEP for good,
+  every thread of it (heartbeats, the peer watch) still running, as a hung filesystem or a deadlock would. ""
+  (the default) does nothing."""
+  if not spec:
+    return
+  process, _, at = spec.partition(":")
+  if not (process.isdigit() and at.isdigit()):
+    raise ValueError(f"config.debug_hang={spec!r}: expected '' or 'PROCESS:STEP'.")
+  while (int(process), int(at)) == (jax.process_index(), step):
+    time.sleep(1)
 
 
 class SaveFailed(Exception):
@@ -440,12 +595,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   stop = {"signal": None}
   pending: List[Dict[str, jax.Array]] = []
   window_start = time.time()
-  watch = PeerWatch(ckpt_dir) if jax.process_count() > 1 else None
+  watch = PeerWatch(ckpt_dir, config.peer_timeout_seconds, config.peer_timeout_long_seconds)
   try:
-    with stop_on_signals(stop), save_fault(config.debug_save_fault), watch or contextlib.nullcontext():
+    with stop_on_signals(stop), save_fault(config.debug_save_fault), watch:
       for step in range(first_step + 1, config.total_steps + 1):
-        if watch:
-          watch.step = step
+        watch.step, watch.phase = step, "setup" if step == first_step + 1 else "train"
+        hang_fault(config.debug_hang, step)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
           state, metrics = compiled(state, batch)
@@ -456,39 +611,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           done = pending[-1 - MAX_STEPS_IN_FLIGHT]
           # Its skip counter is ready now, so reading it costs no extra sync: the guard halts at the exact step
           # the limit was reached, at most MAX_STEPS_IN_FLIGHT steps later (and never after saving past it).
-          check_skips(step - MAX_STEPS_IN_FLIGHT, int(done["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
+          with watch.during(WAITING):
+            consecutive = int(done["consecutive_skips"])
+          check_skips(step - MAX_STEPS_IN_FLIGHT, consecutive, config.max_skipped_steps, ckpt_dir)
         if step % config.log_steps == 0 or step == config.total_steps:
-          fetched = jax.device_get(pending)  # one host sync per log window, not per step.
+          with watch.during(WAITING):
+            fetched = jax.device_get(pending)  # one host sync per log window, not per step.
           summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                      if k not in ("skipped", "consecutive_skips")}
           summary["train/skipped_steps"] = float(jax.device_get(state.skipped_steps))
           seconds_per_step = (time.time() - window_start) / len(pending)
           summary["train/images_per_sec"] = config.input.batch_size / seconds_per_step
           skipped = train_iter.skipped()
-          summary["data/skipped_files"] = global_sum(skipped.pop("corrupt_file"))
-          summary["data/skipped"] = global_sum(sum(skipped.values()))
+          with watch.during(WAITING):
+            summary["data/skipped_files"] = global_sum(skipped.pop("corrupt_file"))
+            summary["data/skipped"] = global_sum(sum(skipped.values()))
           writer.write_scalars(step, summary)
           logging.info("%s", step_line(step, config.total_steps, summary, seconds_per_step))
           for i, m in enumerate(fetched):  # after the window's metrics are written: they show the non-finite steps.
             check_skips(step - len(fetched) + 1 + i, int(m["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
           pending, window_start = [], time.time()
-        for hook in hooks:
-          hook(step)
+        with watch.during("hooks"):
+          for hook in hooks:
+            hook(step)
         preempted = stop["signal"] is not None or (
             jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step))
         if step % config.ckpt_steps == 0 or step == config.total_steps or preempted:
           # A save syncs anyway: the step about to be saved must not be the one that reached the limit.
           check_skips(step, int(metrics["consecutive_skips"]), config.max_skipped_steps, ckpt_dir)
-          save(step, force=preempted)
+          with watch.during("save"):
+            save(step, force=preempted)
         if preempted:
           raise Preempted(f"Stopped by a signal or preemption notice at step {step}; checkpoint written to "
                           f"{ckpt_dir}.")
         if evaluations.due(step) and step < config.total_steps:  # the last step's are the final evaluation.
-          writer.write_scalars(step, evaluations.run(variables(state), step, final=False))
+          with watch.during("eval"):
+            writer.write_scalars(step, evaluations.run(variables(state), step, final=False))
     finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
   except jax.errors.JaxRuntimeError as e:
-    if watch:
-      watch.collective_failed(e)  # exits if a peer is gone; otherwise the error is ours to raise.
+    watch.collective_failed(e)  # exits if a peer is gone; otherwise the error is ours to raise.
     raise
   finally:
     with contextlib.suppress(Exception):  # ... and, quietly, before any other: the first error is the one to see.

@@ -166,3 +166,29 @@ def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, 
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     train.train_and_evaluate(common.train_config(synthetic_dir, **override), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_peer_watch_takes_for_hung_the_processes_at_the_earliest_step_of_a_still_run(tmp_path):
+  """Three processes' "step phase" seen over time: hung are the processes at the earliest step once no process has
+  moved for the timeout of their phase; a save or the first step (set-up) gets the long timeout."""
+  watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=3)
+  assert watch.hung({0: "7 train", 1: "5 train"}, now=0) == {}  # process 2 has not published yet: step 0, set-up.
+  assert watch.hung({0: "7 train", 1: "5 train", 2: "6 train"}, now=5) == {}
+  assert watch.hung({0: "7 train", 1: "5 train", 2: "6 train"}, now=15) == {}  # 2 moved 10 s ago.
+  assert watch.hung({0: "7 train", 1: "5 train", 2: "6 train"}, now=16) == {1: (5, 16)}
+  watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=2)
+  assert watch.hung({0: "8 save", 1: "8 save"}, now=0) == {}
+  assert watch.hung({0: "9 train", 1: "8 save"}, now=50) == {}
+  assert watch.hung({0: "9 train", 1: "8 save"}, now=150) == {}
+  assert watch.hung({0: "9 train", 1: "8 save"}, now=151) == {1: (8, 151)}
+  # Process 0 waited at step 3 for a slow first step of process 1; the count starts again when 1 gets there.
+  watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=2)
+  assert watch.hung({0: "3 train", 1: "1 setup"}, now=0) == {}
+  assert watch.hung({0: "3 train", 1: "1 setup"}, now=99) == {}
+  assert watch.hung({0: "3 train", 1: "3 train"}, now=100) == {}
+  assert watch.hung({0: "3 sync", 1: "3 train"}, now=100) == {}
+  # Process 0 waits for the device at step 3, process 1 does not: 1 is hung.
+  assert watch.hung({0: "3 sync", 1: "3 train"}, now=111) == {1: (3, 11)}
+  watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=2)
+  assert watch.hung({0: "4 sync", 1: "4 sync"}, now=0) == {}
+  assert watch.hung({0: "4 sync", 1: "4 sync"}, now=11) == {0: (4, 11), 1: (4, 11)}  # both wait: both named.

@@ -134,15 +134,30 @@ def read_log(workdir: str, name: str) -> str:
     return f.read()
 
 
+def stops_for_a_peer(proc, workdir: str, log: str, since: float, what: str) -> float:
+  """`proc` exits with EXIT_PEER_LOST within 30 s of `since`, its console ending with one line: `what` (a pattern:
+  which process was lost or hung, at which step), then this process's stop and the latest complete checkpoint.
+  -> the seconds taken."""
+  assert proc.wait(timeout=60) == train.EXIT_PEER_LOST
+  seconds = time.time() - since
+  assert seconds < 30, seconds
+  last = read_log(workdir, log).strip().splitlines()[-1]
+  latest = train.latest_complete_step(os.path.join(workdir, "checkpoints"))
+  assert re.search(rf"{what} at step \d+.*; stopping process \d\. The latest complete checkpoint is step "
+                   rf"{latest} in ", last), last
+  return seconds
+
+
 @pytest.mark.slow
-def test_two_processes_preempted_then_peer_lost_resume_exactly(synthetic_dir, tmp_path, processes):
-  """SIGTERM to both processes: they save one agreed step and exit 0. SIGKILL of process 1: process 0 stops within
-  30 s with one message. Each relaunch resumes; every step's loss equals an uninterrupted run's to 1e-6."""
-  config = common.train_config(synthetic_dir, total_steps=12, ckpt_steps=4)
+def test_two_processes_preempted_then_peer_lost_stopped_hung_resume_exactly(synthetic_dir, tmp_path, processes):
+  """SIGTERM to both processes: they save one agreed step and exit 0. Then process 1 is SIGKILLed, SIGSTOPped, and
+  hung in its loop with its threads alive (config.debug_hang): each time process 0 stops within 30 s with one
+  message (and the hung process 1 too). Each relaunch resumes; every loss equals an uninterrupted run's to 1e-6."""
+  config = common.train_config(synthetic_dir, total_steps=16, ckpt_steps=4, peer_timeout_seconds=15)
   straight = str(tmp_path / "straight")
   assert [p.wait(timeout=900) for p in start_two_processes(processes, config, straight, "run")] == [0, 0]
   want = common.losses(straight)
-  assert sorted(want) == list(range(1, 13))
+  assert sorted(want) == list(range(1, 17))
   workdir = str(tmp_path / "run")
 
   procs = start_two_processes(processes, config, workdir, "preempted")
@@ -154,24 +169,31 @@ def test_two_processes_preempted_then_peer_lost_resume_exactly(synthetic_dir, tm
       workdir, f"preempted_{i}.txt")).group(1)) for i in range(2)}
   assert len(stopped) == 1 and checkpoint_steps(workdir)[-1] == stopped.pop()  # one agreed step, saved.
 
-  procs = start_two_processes(processes, config, workdir, "peer_lost")
-  wait_for(lambda: max(common.losses(workdir), default=0) >= 9, procs[0])  # past the checkpoint of step 8.
-  procs[1].send_signal(signal.SIGKILL)
-  killed = time.time()
-  assert procs[0].wait(timeout=60) == train.EXIT_PEER_LOST
-  seconds = time.time() - killed
-  assert seconds < 30, seconds
-  last = read_log(workdir, "peer_lost_0.txt").strip().splitlines()[-1]
-  latest = train.latest_complete_step(os.path.join(workdir, "checkpoints"))
-  assert re.search(rf"Process 1 of 2 lost at step \d+; .* latest complete checkpoint is step {latest} in ", last), last
-  assert latest >= 8
+  seconds = {}
+  ckpts = os.path.join(workdir, "checkpoints")
+  for run, fault, past in (("killed", signal.SIGKILL, 4), ("stopped", signal.SIGSTOP, 8)):
+    procs = start_two_processes(processes, config, workdir, run)
+    # This run's steps (the earlier runs logged fewer), past the complete checkpoint of step `past`.
+    wait_for(lambda: max(common.losses(workdir)) > past and train.latest_complete_step(ckpts) >= past, procs[0])
+    procs[1].send_signal(fault)
+    seconds[run] = stops_for_a_peer(procs[0], workdir, f"{run}_0.txt", time.time(), "Process 1 of 2 (lost|hung)")
+    procs[1].kill()
+    procs[1].wait()
+
+  hang = common.train_config(synthetic_dir, total_steps=16, ckpt_steps=4, peer_timeout_seconds=15, debug_hang="1:14")
+  procs = start_two_processes(processes, hang, workdir, "hung")
+  wait_for(lambda: max(common.losses(workdir), default=0) >= 13, procs[0])  # process 1 hangs as it starts step 14.
+  since = time.time()
+  seconds["hung"] = stops_for_a_peer(procs[0], workdir, "hung_0.txt", since, "Process 1 of 2 hung")
+  stops_for_a_peer(procs[1], workdir, "hung_1.txt", since, "Process 1 of 2 hung")  # the same verdict, first.
+  assert train.latest_complete_step(ckpts) == 12
 
   assert [p.wait(timeout=900) for p in start_two_processes(processes, config, workdir, "resumed")] == [0, 0]
   got = common.losses(workdir)
-  assert sorted(got) == list(range(1, 13))
-  print(f"peer loss to exit: {seconds:.1f} s; max |loss - uninterrupted|: "
-        f"{max(abs(got[s] - want[s]) for s in want):.2e}")
-  np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=0, atol=1e-6)
+  assert sorted(got) == list(range(1, 17))
+  print("peer lost/stopped/hung to exit: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) +
+        f"; max |loss - uninterrupted|: {max(abs(got[s] - want[s]) for s in want):.2e}")
+  np.testing.assert_allclose([got[s] for s in range(1, 17)], [want[s] for s in range(1, 17)], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
