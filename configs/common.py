@@ -3,9 +3,10 @@
 Each experiment config starts from `base_config()` and changes what differs; every key is listed here once, so
 a typo in `--config.some.key=...` is an error (the configs are locked).
 """
-import math
 
 import ml_collections
+
+from mixreorg_jax.models import reference
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,22 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.num_parallel_calls = -1  # tf.data.AUTOTUNE
   c.input.expected_num_examples = 0  # > 0: checked against the shards' count (GroupViT#43/#46).
 
-  c.model = ml_collections.ConfigDict()
-  c.model.dtype = "float32"  # compute dtype; parameters stay float32. "bfloat16" for mixed precision.
-  c.model.remat = False  # rematerialise every Transformer block.
-  c.model.mixreorg = True  # False = the plain GroupViT step (no mixed or restored branch).
-  c.model.multi_label = True
-  c.model.projection_dim = 256
-  c.model.projection_hidden_dim = 4096
-  c.model.logit_scale_init = math.log(1 / 0.07)
-  c.model.logit_scale_max = 100.0
-  c.model.vision = ml_collections.ConfigDict(dict(
-      width=384, num_heads=6, depths=(6, 3, 3), num_group_tokens=(64, 8, 0), num_output_groups=(64, 8, 8),
-      patch_size=16, image_size=224, mlp_ratio=4.0, assign_mlp_ratio=(0.5, 4.0), assign_eps=1.0,
-      hard_assignment=True, gumbel=True, gumbel_tau=1.0, drop_path_rate=0.1, act="gelu"))
-  c.model.text = ml_collections.ConfigDict(dict(
-      vocab_size=49408, width=256, num_layers=12, num_heads=4, mlp_dim=1024, context_length=77,
-      eot_id=49407, act="quick_gelu"))
+  c.model = reference.reference_model_config()
 
   c.mix = ml_collections.ConfigDict(dict(group_size=2, context_layers=3, progressive_weight=0.5))
   # w_group_info (not in the paper; 0 = off) rewards the token-group mutual information of the grouping blocks.

@@ -31,9 +31,9 @@ import ml_collections
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
-from configs import common
 from mixreorg_jax import checkpoint_io
 from mixreorg_jax import optional_deps
+from mixreorg_jax.models import reference
 from mixreorg_jax.tools import nvlabs
 from mixreorg_jax.tools import state_dicts as sd
 
@@ -81,7 +81,7 @@ def _ratio(numerator: int, denominator: int, where: str) -> float:
 
 
 def model_config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """transformers' GroupViTConfig (as a config.json dict) -> our config.model (keys of configs/common.py)."""
+  """transformers' GroupViTConfig (as a config.json dict) -> our config.model (keys of models/reference.py)."""
   vision = {**HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or hf_config.get("vision_config_dict") or {})}
   text = {**HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or hf_config.get("text_config_dict") or {})}
   top = {**HF_DEFAULTS, **hf_config}
@@ -91,7 +91,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigD
   if int(vision["num_channels"]) != 3:
     raise ValueError(f"config.json vision_config.num_channels={vision['num_channels']}: expected 3 (RGB).")
 
-  m = common.base_config().model
+  m = reference.reference_model_config()
   m.mixreorg = False  # a converted GroupViT: the plain two-tower model.
   m.multi_label = False  # transformers' GroupViT has no multi-label logit scale.
   m.projection_dim = int(top["projection_dim"])

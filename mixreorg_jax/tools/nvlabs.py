@@ -27,8 +27,8 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from configs import common
 from mixreorg_jax import optional_deps
+from mixreorg_jax.models import reference
 from mixreorg_jax.tools import state_dicts as sd
 
 Rule, Table = sd.Rule, sd.Table
@@ -157,7 +157,7 @@ def unknowns_from_config(config: Optional[Mapping[str, Any]], default: Unknowns)
 
 
 def model_config_from_state(state: Mapping[str, np.ndarray], unknowns: Unknowns) -> ml_collections.ConfigDict:
-  """NVlabs state dict (numpy) -> our config.model (keys of configs/common.py), read from the tensor shapes."""
+  """NVlabs state dict (numpy) -> our config.model (keys of models/reference.py), read from the tensor shapes."""
   width, _, patch, _ = _shape(state, "img_encoder.patch_embed.proj.weight")
   num_patches = _shape(state, "img_encoder.pos_embed")[1]
   grid = int(round(num_patches ** 0.5))
@@ -178,7 +178,7 @@ def model_config_from_state(state: Mapping[str, np.ndarray], unknowns: Unknowns)
     raise ValueError(f"Tensor text_encoder.token_embedding.weight has width {text_width}; NVlabs' text tower has "
                      f"width / {TEXT_HEAD_DIM} heads, so the width must be a multiple of {TEXT_HEAD_DIM}.")
 
-  m = common.base_config().model
+  m = reference.reference_model_config()
   m.mixreorg = False  # a converted GroupViT: the plain two-tower model.
   m.multi_label = "multi_label_logit_scale" in state
   m.projection_hidden_dim, *_ = _shape(state, "img_projector.linear_hidden.0.weight")
