@@ -38,10 +38,11 @@ def get_config(arg=None):
   c.input.data_dir = ""  # the synthetic data, generated into input.synthetic_dir on first use.
   c.input.tokenizer = "sentencepiece"
   c.input.context_length = 24  # the longest synthetic caption is 23 tokens with bos and eot.
-  # GroupViT's multi-label loss: up to 3 caption nouns, each prompted "a photo of a {}." (8 tokens), the prompt
-  # zero-shot segmentation uses for the class names.
-  c.input.num_nouns = 3
-  c.input.noun_context_length = 8
+  # GroupViT's multi-label loss: up to 4 caption nouns (3 objects and the background's phrase, when the caption
+  # names it), each prompted "a photo of a {}." (at most 9 tokens), the prompt zero-shot segmentation uses for the
+  # class names.
+  c.input.num_nouns = 4
+  c.input.noun_context_length = 10
   c.input.shuffle_buffer = 2000
   c.input.crop_scale = (0.5, 1.0)
 

@@ -28,7 +28,23 @@ def test_captions_that_mention_the_background_name_its_texture():
     others = [w for w in synthetic.TEXTURE_WORDS if w != background and w in caption.split(" ")]
     assert not others, caption
     mentioned += background in caption
-  assert mentioned > 40  # 4 of the 14 templates mention it.
+  assert mentioned > 40  # 5 of the 14 templates mention it.
+
+
+def test_caption_nouns_add_the_background_phrase_only_when_the_caption_names_it():
+  names = ["circle", "star"]
+  assert synthetic.caption_nouns("a circle and a star on a dotted background.", names, "dotted") == [
+      "circle", "star", "dotted background"]
+  assert synthetic.caption_nouns("close-up of a circle and a star on striped paper.", names, "striped") == [
+      "circle", "star", "striped paper"]
+  assert synthetic.caption_nouns("look at a circle and a star!", names, "noisy") == names
+  rng = np.random.default_rng(2)
+  for _ in range(100):
+    _, _, names, background = synthetic.render_example(rng, 32)
+    caption = synthetic.make_caption(rng, names, background)
+    nouns = synthetic.caption_nouns(caption, names, background)
+    assert nouns[:len(names)] == names and len(nouns) - len(names) == (background in caption), caption
+    assert all(n in caption for n in nouns)
 
 
 def test_ensure_synthetic_data_writes_shards_and_voc_layout(tmp_path):

@@ -6,7 +6,9 @@
       (re-fits the shipped SentencePiece model to the caption generator)
 
 writes, seeded and reproducible:
-  DIR/train-0000K-of-0000N.tfrecord   tf.train.Example with jpg (JPEG bytes), txt (caption), nouns (bytes list)
+  DIR/train-0000K-of-0000N.tfrecord   tf.train.Example with jpg (JPEG bytes), txt (caption), nouns (bytes list:
+                                      the objects' class names, then the background's phrase if the caption
+                                      names it, e.g. "striped paper")
   DIR/voc_val/ and DIR/voc/           VOC layout: JPEGImages/*.jpg, SegmentationClass/*.png (palette PNG),
                                       ImageSets/Segmentation/val.txt, class_names.txt (line 0 = background)
   DIR/COMPLETE                        the generation arguments, written last (`ensure_synthetic_data` checks it)
@@ -45,6 +47,11 @@ ADJECTIVES = ("nice", "small", "bright", "old", "colourful", "quick", "lovely", 
 # The word a caption uses for each background texture of `_texture` (stripes, checks, blobs, noise): captions that
 # mention the background describe the one in the picture, as real captions describe the scene.
 TEXTURE_WORDS = ("striped", "checkered", "dotted", "noisy")
+# What the background is called in the templates that mention it ("{bg} background", "{bg} paper", "{bg} table").
+BACKGROUND_NOUNS = ("background", "paper", "table")
+# Bumped when the bytes written for the same arguments change, so that an older copy is regenerated.
+# 2: the nouns of a training record include the background's noun phrase when its caption mentions it.
+DATA_VERSION = 2
 SPLIT_STREAMS = {"train": 0, "voc_val": 1, "voc": 2}  # independent random streams per split.
 NUM_TRAIN_SHARDS = 8
 
@@ -157,6 +164,13 @@ def make_caption(rng: np.random.Generator, names: list, background: str) -> str:
   return template.format(objs, bg=background, adj=rng.choice(ADJECTIVES))
 
 
+def caption_nouns(caption: str, names: list, background: str) -> list:
+  """The noun phrases a caption mentions: its objects' class names, then the background's phrase (e.g. "striped
+  paper") when the caption names it, as nouns extracted from a real caption include the scene's."""
+  scene = [f"{background} {noun}" for noun in BACKGROUND_NOUNS if f"{background} {noun}" in caption]
+  return list(names) + scene[:1]
+
+
 def _jpeg(array: np.ndarray, quality: int = 92) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(array).save(buf, "JPEG", quality=quality)
@@ -179,8 +193,9 @@ def write_train_shards(out_dir: str, num_examples: int, image_size: int, seed: i
     for i in range(num_examples):
       image, _, names, background = render_example(rng, image_size)
       caption = make_caption(rng, names, background)
+      nouns = caption_nouns(caption, names, background)
       writers[i % num_shards].write(preprocess.make_example(
-          {"jpg": _jpeg(image), "txt": caption.encode(), "nouns": [n.encode() for n in names]}))
+          {"jpg": _jpeg(image), "txt": caption.encode(), "nouns": [n.encode() for n in nouns]}))
   finally:
     for w in writers:
       w.close()
@@ -212,7 +227,8 @@ def ensure_synthetic_data(out_dir: str, num_train: int = 8000, num_val: int = 20
 
   Returns the glob of the training shards. Safe to call from every host: each writes the same bytes.
   """
-  args = dict(num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed)
+  args = dict(num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed,
+              version=DATA_VERSION)
   marker = os.path.join(out_dir, "COMPLETE")
   pattern = os.path.join(out_dir, "train-*-of-*.tfrecord")
   if os.path.exists(marker):

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from mixreorg_jax import workdir as workdir_lib
+from mixreorg_jax.data import synthetic
 
 VARIANTS = ("groupvit", "mixreorg", "no_context", "no_progressive", "no_restore", "k4")
 DESCRIPTIONS = {
@@ -128,6 +129,8 @@ def config_fingerprint(variant: str) -> str:
     if node.get(name) == default:
       del node[name]
   config["eval"] = RECORDED_EVAL_SECTION
+  if synthetic.DATA_VERSION > 1:  # the data the demo generates is part of what it trains on.
+    config["synthetic_data_version"] = synthetic.DATA_VERSION
   return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
