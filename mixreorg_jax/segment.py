@@ -2,6 +2,8 @@
 
   python -m mixreorg_jax.segment --checkpoint=DIR --image=IMG [--classes="cat,dog,grass"] [--output=out.png]
   python -m mixreorg_jax.segment --checkpoint=DIR --image=IMG --config=configs/eval/voc.py  # VOC's protocol
+  python -m mixreorg_jax.segment --checkpoint=DIR --image=IMG --config=configs/eval/synthetic.py \
+      --config.data.root=data/synthetic/voc  # class names from the set's class_names.txt
 
 The picture has the image with the predicted classes painted over it and a legend, next to the raw groups (each
 pixel coloured by its group). Without --classes it shows the image and the groups only. The protocol is the
@@ -95,6 +97,16 @@ def segment_file(checkpoint: str, image_path: str, class_names: Sequence[str], o
   return output, result
 
 
+def config_class_names(config) -> Tuple[str, ...]:
+  """An eval config's class names: config.class_names, else its dataset's own (which needs config.data.root)."""
+  if config.class_names:
+    return tuple(config.class_names)
+  if not config.data.root:
+    raise app.UsageError(f"--config: the {config.data.name} protocol takes its class names from the dataset; give "
+                         "--classes or --config.data.root.")
+  return seg_datasets.prompt_class_names(config, seg_datasets.from_config(config))
+
+
 def define_flags() -> None:
   """The command's flags; defined only when it runs, so that importing this module defines none."""
   flags.DEFINE_string("checkpoint", None, "An inference checkpoint directory.")
@@ -121,7 +133,7 @@ def main(argv):
   classes = [c.strip() for c in f.classes.split(",") if c.strip()]
   if f.config:  # the protocol of an evaluation.
     protocol, templates = zeroshot.Protocol.from_config(f.config), f.config.prompt_templates
-    classes = classes or list(zeroshot.foreground_names(f.config.class_names, f.config.with_background))
+    classes = classes or list(zeroshot.foreground_names(config_class_names(f.config), f.config.with_background))
   else:
     protocol = zeroshot.Protocol(short_side=f.short_side, window=f.window, stride=f.stride, top_k_classes=5,
                                  bg_threshold=f.bg_threshold if f.background else -1.0,

@@ -8,6 +8,7 @@ from PIL import Image
 from mixreorg_jax import inference
 from mixreorg_jax import segment
 from mixreorg_jax import zeroshot
+from mixreorg_jax.data import synthetic
 from tests.test_evaluate import REPO, make_checkpoint
 
 
@@ -47,3 +48,26 @@ def test_segment_image_returns_pixel_logits_labels_and_groups(tmp_path):
   groups_only = segment.segment_image(model, image, None, protocol)
   assert groups_only["logits"] is None
   np.testing.assert_array_equal(groups_only["groups"], result["groups"])  # groups do not depend on the classes.
+
+
+def test_segment_cli_takes_an_eval_configs_protocol_and_class_names(tmp_path):
+  """--config=configs/eval/*.py: the evaluation's class names (without --classes) and protocol, with overrides."""
+  checkpoint = make_checkpoint(tmp_path / "ckpt")
+  Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 44, 3), np.uint8)).save(tmp_path / "in.png")
+  synthetic.write_voc_split(str(tmp_path / "voc"), 2, 32, seed=0, split="voc")
+  command = [sys.executable, "-m", "mixreorg_jax.segment", f"--checkpoint={checkpoint}",
+             f"--image={tmp_path / 'in.png'}", "--config=configs/eval/synthetic.py"]
+  run = lambda *extra: subprocess.run(command + list(extra), cwd=REPO, capture_output=True, text=True,  # noqa
+                                      timeout=300)
+  result = run(f"--output={tmp_path / 'out.png'}", f"--config.data.root={tmp_path / 'voc'}",
+               "--config.bg_threshold=0.0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = result.stdout.split("classes found: ")[1].split("\n")[0].split(", ")
+  # The set's class_names.txt names the classes; at threshold 0 no pixel is background.
+  assert found and set(found) <= set(synthetic.CLASS_NAMES) - {"background"}, result.stdout
+  assert (tmp_path / "out.png").exists()
+  no_names = run(f"--output={tmp_path / 'no_names.png'}")
+  assert no_names.returncode != 0 and "--config.data.root" in no_names.stderr
+  wrong = run(f"--output={tmp_path / 'wrong.png'}", "--config.bg_treshold=0.5", "--classes=circle")
+  assert wrong.returncode != 0 and "bg_treshold" in wrong.stderr
+  assert not (tmp_path / "no_names.png").exists() and not (tmp_path / "wrong.png").exists()
