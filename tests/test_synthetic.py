@@ -1,4 +1,6 @@
 """The synthetic generator: reproducible shards and VOC-layout segmentation sets that agree with the captions."""
+import json
+
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -72,3 +74,9 @@ def test_ensure_synthetic_data_writes_shards_and_voc_layout(tmp_path):
   mtime = (tmp_path / "COMPLETE").stat().st_mtime_ns
   synthetic.ensure_synthetic_data(str(tmp_path), num_train=24, num_val=3, num_test=4, image_size=32)
   assert (tmp_path / "COMPLETE").stat().st_mtime_ns == mtime  # complete: not regenerated
+  # A copy from the generator before DATA_VERSION (its marker has no version) is written again.
+  marker = json.loads((tmp_path / "COMPLETE").read_text())
+  (tmp_path / "COMPLETE").write_text(json.dumps({k: v for k, v in marker.items() if k != "version"}))
+  synthetic.ensure_synthetic_data(str(tmp_path), num_train=24, num_val=3, num_test=4, image_size=32)
+  assert json.loads((tmp_path / "COMPLETE").read_text()) == marker
+  assert marker["version"] == synthetic.DATA_VERSION
