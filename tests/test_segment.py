@@ -57,8 +57,10 @@ def test_segment_cli_takes_an_eval_configs_protocol_and_class_names(tmp_path):
   synthetic.write_voc_split(str(tmp_path / "voc"), 2, 32, seed=0, split="voc")
   command = [sys.executable, "-m", "mixreorg_jax.segment", f"--checkpoint={checkpoint}",
              f"--image={tmp_path / 'in.png'}", "--config=configs/eval/synthetic.py"]
-  run = lambda *extra: subprocess.run(command + list(extra), cwd=REPO, capture_output=True, text=True,  # noqa
-                                      timeout=300)
+
+  def run(*extra):
+    return subprocess.run(command + list(extra), cwd=REPO, capture_output=True, text=True, timeout=300)
+
   result = run(f"--output={tmp_path / 'out.png'}", f"--config.data.root={tmp_path / 'voc'}",
                "--config.bg_threshold=0.0")
   assert result.returncode == 0, result.stderr[-3000:]

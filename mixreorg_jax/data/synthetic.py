@@ -167,8 +167,8 @@ def make_caption(rng: np.random.Generator, names: list, background: str) -> str:
 def caption_nouns(caption: str, names: list, background: str) -> list:
   """The noun phrases a caption mentions: its objects' class names, then the background's phrase (e.g. "striped
   paper") when the caption names it, as nouns extracted from a real caption include the scene's."""
-  scene = [f"{background} {noun}" for noun in BACKGROUND_NOUNS if f"{background} {noun}" in caption]
-  return list(names) + scene[:1]
+  phrases = (f"{background} {noun}" for noun in BACKGROUND_NOUNS)
+  return list(names) + [phrase for phrase in phrases if phrase in caption][:1]
 
 
 def _jpeg(array: np.ndarray, quality: int = 92) -> bytes:
