@@ -83,6 +83,28 @@ def test_background_false_positives_and_the_threshold_curve():
   assert s["best_threshold"] == 0.5
 
 
+
+def test_per_class_tells_a_weakly_scored_class_from_a_misnamed_and_a_badly_grouped_one():
+  label = np.zeros((16, 16), np.int64)
+  label[2:7, 2:7], label[9:14, 8:15], label[1:4, 10:14] = 1, 2, 3
+  scores = np.zeros((3, 16, 16), np.float32)
+  scores[0][label == 1] = 0.3  # "a": named right, but under the threshold
+  scores[1][label == 2] = 0.9  # "b": named right and sure
+  scores[0][label == 3] = 0.9  # "c": called "a"
+  scores[0][label == 0] = 0.1
+  groups = label.copy()
+  groups[9:14, 4:8] = 2  # b's group also takes 20 background pixels: the oracle calls them b
+  per_class = run([(label, scores, groups)], threshold=0.5)["per_class"]
+  assert set(per_class) == {"a", "b", "c"}
+  a, b, c = per_class["a"], per_class["b"], per_class["c"]
+  assert a["named_right_unthresholded"] == 100 and a["called_background"] == 100 and a["iou"] == 0
+  assert a["oracle_iou"] == pytest.approx(100)
+  assert b["named_right_unthresholded"] == 100 and b["called_background"] == 0 and b["iou"] == pytest.approx(100)
+  assert b["oracle_iou"] == pytest.approx(100 * 35 / (35 + 20))
+  assert c["named_right_unthresholded"] == 0 and c["called_background"] == 0 and c["iou"] == 0
+  report = diagnose.format_report(dict(run([(label, scores, groups)]), dataset="x", verdict="v"))
+  assert "named right, no threshold" in report and report.splitlines()[-1].split()[0] == "c"
+
 def test_oracle_and_named_groups_ignore_unlabelled_pixels():
   lab = scene(1)
   lab[0, :] = 255

@@ -15,6 +15,11 @@ config's protocol once, this reports
   background FP rate   the share of ground-truth background pixels labelled as an object;
   mIoU(threshold)      the protocol's mIoU with each background threshold, and the best one; choose it on a tuning
                        split, never on a held-out one;
+  per class            IoU; oracle IoU (its grouping); named right without the threshold (the share of its pixels
+                       whose best foreground class is it, the background rule off: its naming); and called
+                       background (the share of its pixels under the protocol's threshold). A class named right
+                       without the threshold yet called background has weak scores: its groups are impure or its
+                       prompt is close to others', and the threshold takes it for background;
 
 and writes into output_dir (default <checkpoint>/diagnose/<dataset>/) `diagnose.json`, `confusion.png` (rows =
 ground truth, normalised per row) and `bg_threshold.png` (mIoU against the threshold).
@@ -87,6 +92,11 @@ def object_groups_named(label: np.ndarray, pred: np.ndarray, groups: np.ndarray,
   return total, right
 
 
+def _row_share(confusion: np.ndarray, row: int, column: int) -> float:
+  """The percentage of ground-truth class `row`'s pixels predicted `column`; confusion int [C, C]."""
+  return 100.0 * confusion[row, column] / max(confusion[row].sum(), 1)
+
+
 class Diagnosis:
   """Accumulates the statistics of `diagnose` over images (label 0 is the background)."""
 
@@ -96,6 +106,7 @@ class Diagnosis:
     c = len(class_names)
     self.confusion = np.zeros((c, c), np.int64)  # at the protocol's threshold
     self.oracle_confusion = np.zeros((c, c), np.int64)
+    self.unthresholded_confusion = np.zeros((c, c), np.int64)  # every pixel its best foreground class
     self.sweep = seg_metrics.ThresholdSweep(class_names, thresholds)
     self.object_groups = self.named_right = self.num_images = 0
 
@@ -105,6 +116,7 @@ class Diagnosis:
     pred = seg_metrics.label_with_threshold(foreground_scores, self.protocol_threshold)
     self.confusion += seg_metrics.confusion_matrix(label, pred, c)
     self.oracle_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, groups, c), c)
+    self.unthresholded_confusion += seg_metrics.confusion_matrix(label, foreground_scores.argmax(axis=0) + 1, c)
     self.sweep.add(label, foreground_scores)
     total, right = object_groups_named(label, pred, groups, c)
     self.object_groups += total
@@ -130,7 +142,16 @@ class Diagnosis:
         "best_threshold": best["threshold"] if curve else None,
         "best_threshold_mIoU": best["mIoU"] if curve else None,
         "confusion": self.confusion.tolist(),
+        "per_class": self.per_class(protocol["per_class_iou"]),
     }
+
+  def per_class(self, iou: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+    """{foreground class: {"iou", "oracle_iou", "named_right_unthresholded", "called_background"}}, percent."""
+    oracle = seg_metrics.summarize(self.oracle_confusion, self.class_names)["per_class_iou"]
+    return {name: {"iou": iou[name], "oracle_iou": oracle[name],
+                   "named_right_unthresholded": _row_share(self.unthresholded_confusion, c, c),
+                   "called_background": _row_share(self.confusion, c, 0)}
+            for c, name in enumerate(self.class_names) if c > 0 and self.confusion[c].sum() > 0}
 
 
 def verdict(summary: Dict[str, Any]) -> str:
@@ -261,6 +282,14 @@ def format_report(summary: Dict[str, Any]) -> str:
            f"best background threshold: {summary['best_threshold']:g} (mIoU {summary['best_threshold_mIoU']:.1f})",
            "per-class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["per_class_iou"].items()),
            f"verdict: {summary['verdict']}"]
+  per_class = summary.get("per_class", {})
+  if per_class:
+    width = max(len(name) for name in per_class)
+    lines.append(f"{'class':<{width}}  {'IoU':>5}  {'oracle IoU':>10}  {'named right, no threshold %':>27}  "
+                 f"{'called background %':>19}")
+    for name, row in per_class.items():
+      lines.append(f"{name:<{width}}  {row['iou']:>5.1f}  {row['oracle_iou']:>10.1f}  "
+                   f"{row['named_right_unthresholded']:>27.1f}  {row['called_background']:>19.1f}")
   return "\n".join(lines)
 
 
