@@ -21,6 +21,7 @@ separate random streams of the same seed.
 import io
 import json
 import os
+import re
 from typing import Tuple
 
 from absl import app
@@ -47,8 +48,9 @@ ADJECTIVES = ("nice", "small", "bright", "old", "colourful", "quick", "lovely", 
 # The word a caption uses for each background texture of `_texture` (stripes, checks, blobs, noise): captions that
 # mention the background describe the one in the picture, as real captions describe the scene.
 TEXTURE_WORDS = ("striped", "checkered", "dotted", "noisy")
-# What the background is called in the templates that mention it ("{bg} background", "{bg} paper", "{bg} table").
-BACKGROUND_NOUNS = ("background", "paper", "table")
+# What the background is called in the templates that mention it (the word after "{bg}": background, paper,
+# table), in the templates' order.
+BACKGROUND_NOUNS = tuple(dict.fromkeys(re.findall(r"\{bg\} (\w+)", " ".join(CAPTION_TEMPLATES))))
 # Bumped when the bytes written for the same arguments change, so that an older copy is regenerated.
 # 2: the nouns of a training record include the background's noun phrase when its caption mentions it.
 DATA_VERSION = 2
