@@ -110,7 +110,7 @@ def run_protocol(model, variables: Variables, tokenizer, config: ml_collections.
   sweep = seg_metrics.ThresholdSweep(class_names, bg_thresholds) if bg_thresholds else None
   num_images, num_groups, start = 0, 0, time.time()
   bar = tqdm.tqdm(total=len(dataset), unit="img", desc=dataset.name, disable=not progress or rank > 0)
-  for name, scores, groups in segmenter(inputs()):
+  for name, scores, groups, best_group_score in segmenter(inputs()):
     image, label = examples.pop(name)
     if scores.shape[0] != len(class_names):
       raise ValueError(f"{scores.shape[0]} class scores for {len(class_names)} classes; check "
@@ -118,7 +118,7 @@ def run_protocol(model, variables: Variables, tokenizer, config: ml_collections.
     pred = scores.argmax(axis=0).astype(np.uint8)
     confusion += seg_metrics.confusion_matrix(label, pred, len(class_names))
     if sweep:
-      sweep.add(label, scores[1:])  # the foreground scores do not depend on the threshold.
+      sweep.add(label, scores[1:], best_group_score)  # the foreground scores do not depend on the threshold.
     if config.save_predictions:
       _save_label(config.save_predictions, name + dataset.label_suffix, pred)
     if visualization_dir and num_images < num_visualizations:

@@ -11,10 +11,13 @@ absent from both the ground truth and the prediction has IoU nan and is left out
 is only predicted counts with IoU 0.
 
 `ThresholdSweep` accumulates the confusion matrices of the zero-shot background rule at several thresholds in one
-pass over the foreground class scores, so that a threshold can be chosen on a tuning split.
+pass over the foreground class scores, so that a threshold can be chosen on a tuning split. Given each image's
+best group score (`zeroshot.Segmentation.best_group_score`), the rule is the protocol's exactly whenever one
+window covers the image (the synthetic sets); with sliding windows, whose background decisions are averaged over
+crops, it is an approximation.
 """
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -95,14 +98,18 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict:
   )
 
 
-def label_with_threshold(foreground_scores: np.ndarray, threshold: float) -> np.ndarray:
+def label_with_threshold(foreground_scores: np.ndarray, threshold: float,
+                         best_group_score: Optional[float] = None) -> np.ndarray:
   """Foreground class scores [C-1, H, W] -> labels int [H, W] (0 = background, c = foreground class c - 1).
 
-  Background where the best score is below min(threshold, the image's best score): the zero-shot protocol's rule
-  (`zeroshot.pixel_logits`) with the image's best pixel standing in for its best group.
+  Background where the best score is below min(threshold, best_group_score): the zero-shot protocol's rule
+  (`zeroshot.pixel_logits`), where best_group_score is the best class score of any group of the crop, those that
+  own no pixel included. Without it, the image's best pixel score stands in: the same cap when the best group
+  owns a pixel, a lower one (fewer background pixels) when it owns none.
   """
   best = foreground_scores.max(axis=0)
-  background = best < min(threshold, float(best.max()))
+  cap = float(best.max()) if best_group_score is None else float(best_group_score)
+  background = best < min(threshold, cap)
   return np.where(background, 0, foreground_scores.argmax(axis=0) + 1)
 
 
@@ -115,10 +122,11 @@ class ThresholdSweep:
     c = len(self.class_names)
     self.confusions = np.zeros((len(self.thresholds), c, c), np.int64)
 
-  def add(self, label: np.ndarray, foreground_scores: np.ndarray) -> None:
-    """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel)."""
+  def add(self, label: np.ndarray, foreground_scores: np.ndarray, best_group_score: Optional[float] = None) -> None:
+    """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel); best_group_score: see
+    `label_with_threshold`."""
     for i, t in enumerate(self.thresholds):
-      self.confusions[i] += confusion_matrix(label, label_with_threshold(foreground_scores, t),
+      self.confusions[i] += confusion_matrix(label, label_with_threshold(foreground_scores, t, best_group_score),
                                              len(self.class_names))
 
   def curve(self) -> list:

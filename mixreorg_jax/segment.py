@@ -69,7 +69,7 @@ def segment_image(model: inference.InferenceModel, image: np.ndarray, class_name
     names = ()
   segmenter = zeroshot.SlidingWindowSegmenter(model.model, model.variables, class_emb, protocol,
                                               image_normalization=model.image_normalization)
-  (_, logits, groups), = list(segmenter([("image", image)]))
+  (_, logits, groups, _), = list(segmenter([("image", image)]))
   if not class_names:
     return dict(logits=None, labels=None, groups=groups, class_names=names)
   return dict(logits=logits, labels=zeroshot.predict(logits), groups=groups, class_names=names)

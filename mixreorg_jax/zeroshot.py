@@ -17,7 +17,9 @@ mmseg 0.18 test pipeline it runs in (configs/_base_/datasets/*.py):
      background score 1 (else 0).
   4. `SlidingWindowSegmenter`: crop scores are summed into the resized image and divided by the number of
      crops covering each pixel, then bilinearly resized to the original image (mmseg, align_corners=False);
-     the label is the argmax (mmseg's extra softmax does not change it).
+     the label is the argmax (mmseg's extra softmax does not change it). It also gives each image's best group
+     score (the best class score of any group of its crops, groups that own no pixel included), with which a
+     threshold sweep on the foreground scores applies the background rule exactly (`seg_metrics`).
 
 short_side, window and stride of 0 mean "native": no resize, the whole image as one window, stride = window.
 Resizing uses torch's bilinear rule (align_corners=False, no antialiasing) in numpy on the host and in jnp on
@@ -25,7 +27,7 @@ device, so crops and logits match the reference implementation pixel for pixel.
 """
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -208,7 +210,8 @@ def make_text_fn(model: groupvit.GroupViT) -> Callable:
 @functools.lru_cache(maxsize=16)
 def make_window_fn(model: groupvit.GroupViT, protocol: Protocol, random_groups: bool = False) -> Callable:
   """jitted fn(variables, images [B, h, w, 3] normalised, class_emb [C, D], key) -> (logits [B, C', h, w],
-  groups int32 [B, h, w]). With random_groups, each patch's group is drawn uniformly from `key` (chance).
+  groups int32 [B, h, w], best group score float32 [B]: the highest group-to-class affinity of each crop, the
+  cap of the background rule). With random_groups, each patch's group is drawn uniformly from `key` (chance).
   Cached per (model, protocol), so the trainer's periodic evaluations compile once."""
 
   def image_outputs(module, images):
@@ -224,7 +227,9 @@ def make_window_fn(model: groupvit.GroupViT, protocol: Protocol, random_groups: 
     groups = pixel_groups(soft, enc.grid, out_hw)
     logits = pixel_logits(enc.segment_embeddings, soft, enc.grid, enc.embedding, class_emb, out_hw, scale,
                           protocol.top_k_classes, protocol.bg_threshold, protocol.with_background, groups=groups)
-    return logits, groups
+    affinity = group_class_affinity(enc.segment_embeddings, enc.embedding, class_emb, scale,
+                                    protocol.top_k_classes)  # the same as pixel_logits' (XLA computes it once)
+    return logits, groups, affinity.max(axis=(1, 2))
 
   return window_fn
 
@@ -270,6 +275,14 @@ def normalize_image(image: np.ndarray, normalization: str = "clip") -> np.ndarra
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+class Segmentation(NamedTuple):
+  """One segmented image (what `SlidingWindowSegmenter` yields)."""
+  key: Any
+  scores: np.ndarray  # float32 [C, H, W] at the original size (a background channel first, if the protocol has one)
+  groups: np.ndarray  # int32 [H, W]: the argmax group (of the last crop covering each pixel)
+  best_group_score: float  # the best group-to-class affinity over the image's crops (the background rule's cap)
+
+
 @dataclasses.dataclass
 class _Pending:
   """One image being segmented: accumulated crop scores and the crops still to come."""
@@ -279,13 +292,14 @@ class _Pending:
   counts: np.ndarray  # [h, w] crops covering each pixel.
   groups: np.ndarray  # [h, w] group of the last crop covering each pixel (for pictures).
   remaining: int
+  best_group_score: float = -np.inf  # max over the crops so far.
 
 
 class SlidingWindowSegmenter:
   """Segments a stream of images with the protocol; crops of consecutive images share jitted batches.
 
     segmenter = SlidingWindowSegmenter(model, variables, class_emb, Protocol.from_config(config))
-    for key, logits, groups in segmenter(((name, image) for name, image, _ in dataset)):
+    for key, logits, groups, _ in segmenter(((name, image) for name, image, _ in dataset)):
       label = logits.argmax(0)      # logits float32 [C, H, W], groups int32 [H, W] at the original size
 
   random_groups_seed: if set, the chance baseline (each patch's group uniform at random, seeded per crop batch).
@@ -306,18 +320,19 @@ class SlidingWindowSegmenter:
     self._patch = model.vision_model.patch_size
     self._batches = 0
 
-  def _run(self, crops: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """Crops of one shape [h, w, 3] (normalised) -> (logits [n, C, h, w], groups [n, h, w]); padded batches."""
+  def _run(self, crops: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crops of one shape [h, w, 3] (normalised) -> (logits [n, C, h, w], groups [n, h, w], best group score
+    [n]); padded batches."""
     n, size = len(crops), max(self.protocol.batch_size, 1)
     batch = np.stack(crops + [np.zeros_like(crops[0])] * (size - n)) if n < size else np.stack(crops)
     seed = self.random_groups_seed or 0
     key = jax.random.fold_in(jax.random.key(seed), self._batches)
     self._batches += 1
-    logits, groups = jax.device_get(self._window_fn(self.variables, jnp.asarray(batch), self.class_emb, key))
-    return logits[:n], groups[:n]
+    logits, groups, best = jax.device_get(self._window_fn(self.variables, jnp.asarray(batch), self.class_emb, key))
+    return logits[:n], groups[:n], best[:n]
 
-  def __call__(self, examples: Iterable[Tuple[Any, np.ndarray]]) -> Iterator[Tuple[Any, np.ndarray, np.ndarray]]:
-    """(key, image uint8 [H, W, 3]) -> (key, scores float32 [C, H, W], groups int32 [H, W]), in input order."""
+  def __call__(self, examples: Iterable[Tuple[Any, np.ndarray]]) -> Iterator[Segmentation]:
+    """(key, image uint8 [H, W, 3]) -> a `Segmentation` per image, in input order."""
     p = self.protocol
     pending: List[_Pending] = []
     queue: List[Tuple[_Pending, Tuple[int, int, int, int], np.ndarray]] = []  # (image, crop box, crop)
@@ -325,13 +340,14 @@ class SlidingWindowSegmenter:
     def flush():
       if not queue:
         return
-      logits, groups = self._run([crop for _, _, crop in queue])
-      for (item, (y0, y1, x0, x1), _), lg, gr in zip(queue, logits, groups):
+      logits, groups, best = self._run([crop for _, _, crop in queue])
+      for (item, (y0, y1, x0, x1), _), lg, gr, bs in zip(queue, logits, groups, best):
         if item.scores is None:
           item.scores = np.zeros((lg.shape[0],) + item.counts.shape, np.float32)
         item.scores[:, y0:y1, x0:x1] += lg
         item.counts[y0:y1, x0:x1] += 1
         item.groups[y0:y1, x0:x1] = gr
+        item.best_group_score = max(item.best_group_score, float(bs))
         item.remaining -= 1
       queue.clear()
 
@@ -342,7 +358,7 @@ class SlidingWindowSegmenter:
         scores = resize_bilinear(item.scores / item.counts, item.original_hw, axes=(1, 2))
         ys = bilinear_taps(item.counts.shape[0], item.original_hw[0])[0]  # nearest-ish pick for the picture
         xs = bilinear_taps(item.counts.shape[1], item.original_hw[1])[0]
-        yield item.key, scores.astype(np.float32), item.groups[ys][:, xs]
+        yield Segmentation(item.key, scores.astype(np.float32), item.groups[ys][:, xs], item.best_group_score)
 
     for key, image in examples:
       image = np.asarray(image)

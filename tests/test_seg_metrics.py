@@ -89,6 +89,13 @@ def test_threshold_sweep_applies_the_background_rule_at_each_threshold():
               for p in (no_background, only_best)]
   assert sweep.curve() == pytest.approx(expected)
   assert sweep.best() == {"threshold": float(np.argmax(expected) * 2.0), "mIoU": pytest.approx(max(expected))}
+  # The protocol's cap is the best score of any group: when a group owning no pixel scores higher than every
+  # pixel, a threshold above all of them leaves no pixel its class.
+  capped = seg_metrics.ThresholdSweep(names, (2.0,))
+  capped.add(label, scores, best_group_score=float(scores.max()) + 0.1)
+  all_background = np.zeros_like(label)
+  assert capped.curve() == pytest.approx(
+      [seg_metrics.summarize(seg_metrics.confusion_matrix(label, all_background, 3), names)["mIoU"]])
 
 
 def test_threshold_sweep_best_is_nan_without_images():

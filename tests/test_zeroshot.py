@@ -83,8 +83,8 @@ def test_converted_checkpoint_pixel_logits_match_groupvit_reference(tmp_path):
 
   class_emb = zeroshot.class_embeddings(model.encode_text, tokenizer, names, ["a photo of a {}."])
   np.testing.assert_allclose(class_emb, text_embeds, atol=TOL)
-  logits, groups = zeroshot.make_window_fn(model.model, protocol)(model.variables, jnp.asarray(images), class_emb,
-                                                                  jax.random.key(0))
+  logits, groups, _ = zeroshot.make_window_fn(model.model, protocol)(model.variables, jnp.asarray(images), class_emb,
+                                                                     jax.random.key(0))
   assert logits.shape == (2, 1 + len(names), 32, 32) and groups.shape == (2, 32, 32)
   assert float(np.abs(np.asarray(logits) - expected).max()) <= TOL
   # The restriction leaves at most top_k foreground classes per image; the labels mix background and classes.
@@ -199,7 +199,7 @@ class _EchoSegmenter(zeroshot.SlidingWindowSegmenter):
   def _run(self, crops):
     self.crop_shapes.append([c.shape for c in crops])
     batch = np.stack(crops)
-    return batch.transpose(0, 3, 1, 2), np.zeros(batch.shape[:3], np.int32)
+    return batch.transpose(0, 3, 1, 2), np.zeros(batch.shape[:3], np.int32), batch.reshape(len(batch), -1).max(1)
 
 
 def test_sliding_windows_average_overlaps_in_place_and_batch_across_images():
@@ -208,11 +208,12 @@ def test_sliding_windows_average_overlaps_in_place_and_batch_across_images():
             rng.integers(0, 255, (40, 33, 3), np.uint8)]
   segmenter = _EchoSegmenter(zeroshot.Protocol(short_side=40, window=32, stride=12, batch_size=4), "imagenet")
   results = list(segmenter(enumerate(images)))
-  assert [k for k, _, _ in results] == [0, 1, 2]
-  for (_, scores, groups), image in zip(results, images):
+  assert [k for k, _, _, _ in results] == [0, 1, 2]
+  for (_, scores, groups, best), image in zip(results, images):
     resized = zeroshot.resize_bilinear(image.astype(np.float32), zeroshot.resized_shape(*image.shape[:2], 40))
     expected = zeroshot.resize_bilinear(zeroshot.normalize_image(resized, "imagenet"), image.shape[:2])
     assert scores.shape == (3,) + image.shape[:2] and groups.shape == image.shape[:2]
+    assert best == pytest.approx(zeroshot.normalize_image(resized, "imagenet").max())  # the best over its crops
     np.testing.assert_allclose(scores, expected.transpose(2, 0, 1), atol=1e-5)
   assert all(len(batch) <= 4 for batch in segmenter.crop_shapes)
   assert any(len({s for s in batch}) == 1 and len(batch) == 4 for batch in segmenter.crop_shapes)
@@ -231,7 +232,7 @@ def test_whole_image_window_equals_single_pass():
   for window, stride in ((0, 0), (64, 32), (48, 8)):  # every window covers the whole 40 x 48 image.
     protocol = zeroshot.Protocol(short_side=0, window=window, stride=stride, bg_threshold=0.9,
                                  with_background=True, batch_size=2)
-    (_, scores, _), = list(zeroshot.SlidingWindowSegmenter(model, variables, class_emb, protocol)([("a", image)]))
+    (_, scores, _, _), = list(zeroshot.SlidingWindowSegmenter(model, variables, class_emb, protocol)([("a", image)]))
     outputs.append(scores)
   assert outputs[0].shape == (6, 40, 48)
   np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-6)

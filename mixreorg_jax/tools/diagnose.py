@@ -25,9 +25,10 @@ and writes into output_dir (default <checkpoint>/diagnose/<dataset>/) `diagnose.
 ground truth, normalised per row) and `bg_threshold.png` (mIoU against the threshold).
 
 The threshold curve comes from one pass with the foreground scores: a pixel is background at threshold t when its
-best class score is below min(t, the image's best pixel score), the protocol's rule with the image's best pixel
-standing in for its crop's best group. At native-size protocols (one window, every group owning a pixel) that is
-the protocol exactly.
+best class score is below min(t, the best class score of any group of the image, those owning no pixel included),
+the protocol's rule. With one window per image (the native-size protocols) every point of the curve is the
+protocol's mIoU at that threshold; with sliding windows, whose background decisions are averaged over crops, the
+curve is an approximation.
 """
 from mixreorg_jax import console
 if __name__ == "__main__":
@@ -36,7 +37,7 @@ if __name__ == "__main__":
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Iterable, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -110,14 +111,16 @@ class Diagnosis:
     self.sweep = seg_metrics.ThresholdSweep(class_names, thresholds)
     self.object_groups = self.named_right = self.num_images = 0
 
-  def add(self, label: np.ndarray, foreground_scores: np.ndarray, groups: np.ndarray) -> None:
-    """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel); groups int [H, W]."""
+  def add(self, label: np.ndarray, foreground_scores: np.ndarray, groups: np.ndarray,
+          best_group_score: Optional[float] = None) -> None:
+    """label int [H, W]; foreground_scores float [C-1, H, W] (no background channel); groups int [H, W];
+    best_group_score: the image's best group score (`zeroshot.Segmentation`; None: its best pixel's)."""
     c = len(self.class_names)
-    pred = seg_metrics.label_with_threshold(foreground_scores, self.protocol_threshold)
+    pred = seg_metrics.label_with_threshold(foreground_scores, self.protocol_threshold, best_group_score)
     self.confusion += seg_metrics.confusion_matrix(label, pred, c)
     self.oracle_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, groups, c), c)
     self.unthresholded_confusion += seg_metrics.confusion_matrix(label, foreground_scores.argmax(axis=0) + 1, c)
-    self.sweep.add(label, foreground_scores)
+    self.sweep.add(label, foreground_scores, best_group_score)
     total, right = object_groups_named(label, pred, groups, c)
     self.object_groups += total
     self.named_right += right
@@ -217,12 +220,14 @@ def plot_threshold_curve(thresholds: Sequence[float], mious: Sequence[float], ch
 # ----------------------------------------------------------------------------------------------------------------
 # Running the protocol.
 # ----------------------------------------------------------------------------------------------------------------
-def diagnose_examples(examples: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: Sequence[str],
-                      config: ml_collections.ConfigDict, thresholds: Sequence[float]) -> Dict[str, Any]:
-  """(label [H, W], scores [C, H, W] with a background channel first, groups [H, W]) per image -> summary."""
+def diagnose_examples(examples: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+                      class_names: Sequence[str], config: ml_collections.ConfigDict,
+                      thresholds: Sequence[float]) -> Dict[str, Any]:
+  """(label [H, W], scores [C, H, W] with a background channel first, groups [H, W], best group score) per
+  image -> summary."""
   diagnosis = Diagnosis(class_names, thresholds, config.bg_threshold)
-  for label, scores, groups in examples:
-    diagnosis.add(label, scores[1:], groups)
+  for label, scores, groups, best_group_score in examples:
+    diagnosis.add(label, scores[1:], groups, best_group_score)
   return diagnosis.summary()
 
 
@@ -255,8 +260,8 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
       labels[name] = label
       yield name, image
 
-  summary = diagnose_examples(((labels.pop(name), scores, groups) for name, scores, groups in segmenter(images())),
-                              class_names, config, thresholds)
+  segmented = ((labels.pop(s.key), s.scores, s.groups, s.best_group_score) for s in segmenter(images()))
+  summary = diagnose_examples(segmented, class_names, config, thresholds)
   summary["class_names"] = list(class_names)
   summary["checkpoint"] = os.path.abspath(checkpoint)
   summary["dataset"] = f"{config.data.name} at {config.data.root}"
