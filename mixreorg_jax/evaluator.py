@@ -9,7 +9,8 @@ with its period (`every_steps`). `Evaluations` runs several of them: the trainer
 and those of `python -m mixreorg_jax.evaluate` on a checkpoint.
 
 Metrics are named `eval/<name>/<metric>`: mIoU, pixel_acc, mean_acc, groups_per_image, per_class/<class>, and
-with the options of the evaluation: best_bg_threshold (sweep_bg_thresholds), tuned_bg_threshold, tuned_bg_mIoU
+with the options of the evaluation: best_bg_threshold and best_bg_mIoU (sweep_bg_thresholds), tuned_bg_threshold,
+tuned_bg_mIoU
 and tuned_bg_per_class/<class> (bg_threshold_from: this protocol again at the threshold chosen by another
 evaluation), chance_mIoU and untrained_mIoU (baselines), image_top1 and image_top1_chance (image_recognition).
 Each run writes OUTPUT_DIR/metrics.json (the summary and the protocol) and TensorBoard scalars.
@@ -81,7 +82,8 @@ def run_protocol(model, variables: Variables, tokenizer, config: ml_collections.
     dataset: the dataset of config, if already opened.
     image_normalization: the pixel statistics the model expects ("clip" or "imagenet").
     bg_thresholds: with a background class, also the mIoU of each of these background thresholds from the same
-      pass (`seg_metrics.ThresholdSweep`): "mIoU_by_bg_threshold" [len] and "best_bg_threshold" (the best one).
+      pass (`seg_metrics.ThresholdSweep`): "mIoU_by_bg_threshold" [len], "best_bg_threshold" (the best one) and
+      "best_bg_mIoU" (its mIoU).
   With several processes, each segments every process_count-th image and the confusion matrices are summed.
   """
   dataset = dataset or seg_datasets.from_config(config)
@@ -139,7 +141,8 @@ def run_protocol(model, variables: Variables, tokenizer, config: ml_collections.
   summary = seg_metrics.summarize(confusion, class_names)
   if sweep:
     summary["mIoU_by_bg_threshold"] = sweep.curve()
-    summary["best_bg_threshold"] = sweep.best()["threshold"]
+    best = sweep.best()
+    summary["best_bg_threshold"], summary["best_bg_mIoU"] = best["threshold"], best["mIoU"]
   summary["num_images"] = num_images
   # Distinct groups in the argmax group map per image (with sliding windows, of the last window over each pixel):
   # ~1 means the grouping collapsed onto one segment.
@@ -269,6 +272,7 @@ class Evaluator:
     found.update({f"per_class/{name}": iou for name, iou in summary["per_class_iou"].items()})
     if c.sweep_bg_thresholds:
       found["best_bg_threshold"] = summary["best_bg_threshold"]
+      found["best_bg_mIoU"] = summary["best_bg_mIoU"]
     if tuned_bg_threshold is not None:
       tuned = c.copy_and_resolve_references()
       tuned.bg_threshold = float(tuned_bg_threshold)

@@ -121,7 +121,7 @@ def test_evaluations_of_a_train_config_tune_the_threshold_and_report_baselines(t
   results = evaluations.run(variables, step=20, final=True)
   h = "eval/heldout/"
   assert {f"{h}mIoU", f"{h}pixel_acc", f"{h}chance_mIoU", f"{h}untrained_mIoU", "eval/tuning/mIoU"} <= set(results)
-  assert not any(k.startswith("eval/tuning/") and "_mIoU" in k for k in results)  # no baselines asked there.
+  assert not {"eval/tuning/chance_mIoU", "eval/tuning/untrained_mIoU"} & set(results)  # no baselines asked there.
   assert all(np.isfinite(v) for k, v in results.items() if "per_class/" not in k)
   # Per-class IoU of every class; nan for a class absent from both the 2 images and the prediction.
   assert {f"{h}per_class/{name}" for name in synthetic.CLASS_NAMES} <= set(results)
@@ -129,6 +129,7 @@ def test_evaluations_of_a_train_config_tune_the_threshold_and_report_baselines(t
   assert 1 <= results[f"{h}groups_per_image"] <= config.model.vision.num_output_groups[-1]
   # The tuning split's best background threshold, applied to the held-out set.
   assert results[f"{h}tuned_bg_threshold"] == results["eval/tuning/best_bg_threshold"]
+  assert results["eval/tuning/best_bg_mIoU"] >= results["eval/tuning/mIoU"] - 1e-9  # 0.5 is one of the thresholds
   assert results[f"{h}tuned_bg_threshold"] in seg_metrics.DEFAULT_BG_THRESHOLDS
   tuned = evaluator.enabled_evals(config)["heldout"]
   tuned.bg_threshold = results[f"{h}tuned_bg_threshold"]
@@ -192,3 +193,6 @@ def test_threshold_sweep_is_the_protocol_at_every_threshold(tmp_path):
     at_t.bg_threshold = t
     assert miou == pytest.approx(evaluator.run_protocol(model, variables, tokenizer, at_t, progress=False)["mIoU"],
                                  abs=1e-9), t
+  best = int(np.nanargmax(swept["mIoU_by_bg_threshold"]))
+  assert swept["best_bg_threshold"] == thresholds[best]
+  assert swept["best_bg_mIoU"] == swept["mIoU_by_bg_threshold"][best]
