@@ -10,9 +10,9 @@ and those of `python -m mixreorg_jax.evaluate` on a checkpoint.
 
 Metrics are named `eval/<name>/<metric>`: mIoU, pixel_acc, mean_acc, groups_per_image, per_class/<class>, and
 with the options of the evaluation: best_bg_threshold and best_bg_mIoU (sweep_bg_thresholds), tuned_bg_threshold,
-tuned_bg_mIoU
-and tuned_bg_per_class/<class> (bg_threshold_from: this protocol again at the threshold chosen by another
-evaluation), chance_mIoU and untrained_mIoU (baselines), image_top1 and image_top1_chance (image_recognition).
+tuned_bg_mIoU and tuned_bg_per_class/<class> (bg_threshold_from: this protocol again at the threshold chosen by
+another evaluation), chance_mIoU and untrained_mIoU (baselines), image_top1 and image_top1_chance
+(image_recognition).
 Each run writes OUTPUT_DIR/metrics.json (the summary and the protocol) and TensorBoard scalars.
 """
 import functools
