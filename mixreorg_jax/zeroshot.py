@@ -161,7 +161,7 @@ def group_class_affinity(segment_emb: jax.Array, image_emb: jax.Array, class_emb
 def pixel_logits(segment_emb: jax.Array, soft_assignment: jax.Array, grid: Tuple[int, int], image_emb: jax.Array,
                  class_emb: jax.Array, out_hw: Tuple[int, int], logit_scale: jax.Array, top_k: int = 5,
                  bg_threshold: float = -1.0, with_background: bool = False,
-                 groups: Optional[jax.Array] = None) -> jax.Array:
+                 groups: Optional[jax.Array] = None, affinity: Optional[jax.Array] = None) -> jax.Array:
   """Pixel-level class scores of one scale (GroupViT `encode_decode`).
 
   Args:
@@ -176,12 +176,14 @@ def pixel_logits(segment_emb: jax.Array, soft_assignment: jax.Array, grid: Tuple
     bg_threshold: background where the best class score < min(bg_threshold, best score of the crop).
     with_background: prepend a background channel (label 0).
     groups: optional precomputed `pixel_groups` [B, H, W].
+    affinity: optional precomputed `group_class_affinity` [B, G, C] of these arguments.
   Returns:
     float32 [B, C (+1 with background), H, W].
   """
   if groups is None:
     groups = pixel_groups(soft_assignment, grid, out_hw)  # [B, H, W]
-  affinity = group_class_affinity(segment_emb, image_emb, class_emb, logit_scale, top_k)  # [B, G, C]
+  if affinity is None:
+    affinity = group_class_affinity(segment_emb, image_emb, class_emb, logit_scale, top_k)  # [B, G, C]
   scores = jax.vmap(lambda a, g: a[g])(affinity, groups)  # one-hot map @ affinity: [B, H, W, C]
   if with_background:
     threshold = jnp.minimum(bg_threshold, affinity.max(axis=(1, 2)))  # [B]
@@ -225,10 +227,10 @@ def make_window_fn(model: groupvit.GroupViT, protocol: Protocol, random_groups: 
       soft = random_assignment(key, soft.shape)
     out_hw = images.shape[1:3]
     groups = pixel_groups(soft, enc.grid, out_hw)
+    affinity = group_class_affinity(enc.segment_embeddings, enc.embedding, class_emb, scale, protocol.top_k_classes)
     logits = pixel_logits(enc.segment_embeddings, soft, enc.grid, enc.embedding, class_emb, out_hw, scale,
-                          protocol.top_k_classes, protocol.bg_threshold, protocol.with_background, groups=groups)
-    affinity = group_class_affinity(enc.segment_embeddings, enc.embedding, class_emb, scale,
-                                    protocol.top_k_classes)  # the same as pixel_logits' (XLA computes it once)
+                          protocol.top_k_classes, protocol.bg_threshold, protocol.with_background, groups=groups,
+                          affinity=affinity)
     return logits, groups, affinity.max(axis=(1, 2))
 
   return window_fn
