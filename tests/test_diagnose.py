@@ -102,8 +102,32 @@ def test_per_class_tells_a_weakly_scored_class_from_a_misnamed_and_a_badly_group
   assert b["named_right_unthresholded"] == 100 and b["called_background"] == 0 and b["iou"] == pytest.approx(100)
   assert b["oracle_iou"] == pytest.approx(100 * 35 / (35 + 20))
   assert c["named_right_unthresholded"] == 0 and c["called_background"] == 0 and c["iou"] == 0
+  assert a["main_group_purity"] == 100 and c["main_group_purity"] == 100
+  assert b["main_group_purity"] == pytest.approx(100 * 35 / (35 + 20))
   report = diagnose.format_report(dict(run([(label, scores, groups)]), dataset="x", verdict="v"))
   assert "named right, no threshold" in report and report.splitlines()[-1].split()[0] == "c"
+
+def test_main_group_purity_is_the_group_holding_most_of_the_class():
+  label = np.zeros((8, 8), np.int64)
+  label[0:2, 0:4] = 1  # class 1: 8 pixels, 6 in group 1 and 2 in group 2
+  label[4:8, 4:8] = 2  # class 2: 16 pixels, all in group 3 with 16 background pixels
+  groups = np.zeros((8, 8), np.int64)
+  groups[0:2, 0:3] = 1
+  groups[0:2, 3:4] = 2
+  groups[2:4, 3:4] = 2  # group 2: 2 pixels of class 1 and (once row 3 is group 4) 1 of background
+  groups[4:8, 0:8] = 3
+  groups[3, :] = 4
+  label[3, :] = 255  # group 4 is unlabelled: it counts nowhere
+  purity = diagnose.main_group_purity(label, groups, 4)
+  assert set(purity) == {1, 2}  # class 3 is absent
+  assert purity[1] == pytest.approx(1.0) and purity[2] == pytest.approx(0.5)
+  d = diagnose.Diagnosis(CLASSES, (0.5,), 0.5)
+  for groups_of_image in (groups, np.where(groups == 1, 0, groups)):  # image 2: class 1 shares group 0 with 15 bg pixels
+    d.add(label, scores_naming(label, {1: 1, 2: 2, 3: 3}), groups_of_image)
+  per_class = d.summary()["per_class"]
+  assert per_class["a"]["main_group_purity"] == pytest.approx(100 * (1.0 + 6 / (6 + 15)) / 2)
+  assert per_class["b"]["main_group_purity"] == pytest.approx(50)
+
 
 def test_oracle_and_named_groups_ignore_unlabelled_pixels():
   lab = scene(1)

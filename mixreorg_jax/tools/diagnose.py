@@ -17,9 +17,12 @@ config's protocol once, this reports
                        split, never on a held-out one;
   per class            IoU; oracle IoU (its grouping); named right without the threshold (the share of its pixels
                        whose best foreground class is it, the background rule off: its naming); and called
-                       background (the share of its pixels under the protocol's threshold). A class named right
-                       without the threshold yet called background has weak scores: its groups are impure or its
-                       prompt is close to others', and the threshold takes it for background;
+                       background (the share of its pixels under the protocol's threshold); and the purity of its
+                       main group (in each image that has the class, the group holding most of its pixels: the
+                       share of that group's labelled pixels that are the class, averaged over those images). A
+                       class named right without the threshold yet called background has weak scores: its groups
+                       are impure (low purity) or its prompt is close to others', and the threshold takes it for
+                       background;
 
 and writes into output_dir (default <checkpoint>/diagnose/<dataset>/) `diagnose.json`, `confusion.png` (rows =
 ground truth, normalised per row) and `bg_threshold.png` (mIoU against the threshold).
@@ -93,6 +96,24 @@ def object_groups_named(label: np.ndarray, pred: np.ndarray, groups: np.ndarray,
   return total, right
 
 
+def main_group_purity(label: np.ndarray, groups: np.ndarray, num_classes: int,
+                      ignore_index: int = seg_metrics.IGNORE_INDEX) -> Dict[int, float]:
+  """-> {foreground class in the image: purity of its main group}. label, groups: int [H, W].
+
+  A class's main group is the group holding most of its pixels; its purity is the share of that group's labelled
+  pixels that are the class, in [0, 1]. Unlabelled pixels (ignore_index, or >= num_classes) count nowhere.
+  """
+  keep = (label != ignore_index) & (label < num_classes)
+  group_ids, flat_groups = np.unique(groups[keep], return_inverse=True)
+  if not group_ids.size:
+    return {}
+  counts = np.zeros((len(group_ids), num_classes), np.int64)  # [groups, classes]: labelled pixels
+  np.add.at(counts, (flat_groups.reshape(-1), label[keep]), 1)
+  sizes = counts.sum(axis=1)
+  return {c: float(counts[counts[:, c].argmax(), c] / sizes[counts[:, c].argmax()])
+          for c in range(1, num_classes) if counts[:, c].any()}
+
+
 def _row_share(confusion: np.ndarray, row: int, column: int) -> float:
   """The percentage of ground-truth class `row`'s pixels predicted `column`; confusion int [C, C]."""
   return 100.0 * confusion[row, column] / max(confusion[row].sum(), 1)
@@ -110,6 +131,8 @@ class Diagnosis:
     self.unthresholded_confusion = np.zeros((c, c), np.int64)  # every pixel its best foreground class
     self.sweep = seg_metrics.ThresholdSweep(class_names, thresholds)
     self.object_groups = self.named_right = self.num_images = 0
+    self.purity_sum = np.zeros(c)  # per class: the sum over images of its main group's purity
+    self.purity_count = np.zeros(c, np.int64)  # per class: the images that have it
 
   def add(self, label: np.ndarray, foreground_scores: np.ndarray, groups: np.ndarray,
           best_group_score: Optional[float] = None) -> None:
@@ -124,6 +147,9 @@ class Diagnosis:
     total, right = object_groups_named(label, pred, groups, c)
     self.object_groups += total
     self.named_right += right
+    for cls, purity in main_group_purity(label, groups, c).items():
+      self.purity_sum[cls] += purity
+      self.purity_count[cls] += 1
     self.num_images += 1
 
   def summary(self) -> Dict[str, Any]:
@@ -149,11 +175,13 @@ class Diagnosis:
     }
 
   def per_class(self, iou: Dict[str, float]) -> Dict[str, Dict[str, float]]:
-    """{foreground class: {"iou", "oracle_iou", "named_right_unthresholded", "called_background"}}, percent."""
+    """{foreground class: {"iou", "oracle_iou", "named_right_unthresholded", "called_background",
+    "main_group_purity"}}, percent."""
     oracle = seg_metrics.summarize(self.oracle_confusion, self.class_names)["per_class_iou"]
     return {name: {"iou": iou[name], "oracle_iou": oracle[name],
                    "named_right_unthresholded": _row_share(self.unthresholded_confusion, c, c),
-                   "called_background": _row_share(self.confusion, c, 0)}
+                   "called_background": _row_share(self.confusion, c, 0),
+                   "main_group_purity": 100.0 * self.purity_sum[c] / max(self.purity_count[c], 1)}
             for c, name in enumerate(self.class_names) if c > 0 and self.confusion[c].sum() > 0}
 
 
@@ -291,10 +319,11 @@ def format_report(summary: Dict[str, Any]) -> str:
   if per_class:
     width = max(len(name) for name in per_class)
     lines.append(f"{'class':<{width}}  {'IoU':>5}  {'oracle IoU':>10}  {'named right, no threshold %':>27}  "
-                 f"{'called background %':>19}")
+                 f"{'called background %':>19}  {'main group purity %':>19}")
     for name, row in per_class.items():
       lines.append(f"{name:<{width}}  {row['iou']:>5.1f}  {row['oracle_iou']:>10.1f}  "
-                   f"{row['named_right_unthresholded']:>27.1f}  {row['called_background']:>19.1f}")
+                   f"{row['named_right_unthresholded']:>27.1f}  {row['called_background']:>19.1f}  "
+                   f"{row['main_group_purity']:>19.1f}")
   return "\n".join(lines)
 
 
