@@ -107,6 +107,7 @@ def test_per_class_tells_a_weakly_scored_class_from_a_misnamed_and_a_badly_group
   report = diagnose.format_report(dict(run([(label, scores, groups)]), dataset="x", verdict="v"))
   assert "named right, no threshold" in report and report.splitlines()[-1].split()[0] == "c"
 
+
 def test_main_group_purity_is_the_group_holding_most_of_the_class():
   label = np.zeros((8, 8), np.int64)
   label[0:2, 0:4] = 1  # class 1: 8 pixels, 6 in group 1 and 2 in group 2
@@ -122,7 +123,8 @@ def test_main_group_purity_is_the_group_holding_most_of_the_class():
   assert set(purity) == {1, 2}  # class 3 is absent
   assert purity[1] == pytest.approx(1.0) and purity[2] == pytest.approx(0.5)
   d = diagnose.Diagnosis(CLASSES, (0.5,), 0.5)
-  for groups_of_image in (groups, np.where(groups == 1, 0, groups)):  # image 2: class 1 shares group 0 with 15 bg pixels
+  # Image 2: class 1's main group is group 0, which it shares with 15 background pixels.
+  for groups_of_image in (groups, np.where(groups == 1, 0, groups)):
     d.add(label, scores_naming(label, {1: 1, 2: 2, 3: 3}), groups_of_image)
   per_class = d.summary()["per_class"]
   assert per_class["a"]["main_group_purity"] == pytest.approx(100 * (1.0 + 6 / (6 + 15)) / 2)

@@ -57,6 +57,20 @@ OBJECT_GROUP_PURITY = 0.5  # an object group has more than this share of its lab
 # ----------------------------------------------------------------------------------------------------------------
 # Per-image statistics (pure numpy).
 # ----------------------------------------------------------------------------------------------------------------
+def group_label_counts(label: np.ndarray, groups: np.ndarray, num_classes: int,
+                       ignore_index: int = seg_metrics.IGNORE_INDEX) -> Tuple[np.ndarray, np.ndarray]:
+  """The labelled pixels of each group, per class. label, groups: int [H, W].
+
+  -> (group ids int [S], counts int [S, num_classes]) over the S groups that hold a labelled pixel; unlabelled
+  pixels (ignore_index, or >= num_classes) count nowhere.
+  """
+  keep = (label != ignore_index) & (label < num_classes)
+  group_ids, index = np.unique(groups[keep], return_inverse=True)
+  counts = np.zeros((len(group_ids), num_classes), np.int64)
+  np.add.at(counts, (index.reshape(-1), label[keep]), 1)
+  return group_ids, counts
+
+
 def oracle_labels(label: np.ndarray, groups: np.ndarray, num_classes: int,
                   ignore_index: int = seg_metrics.IGNORE_INDEX) -> np.ndarray:
   """Every group takes its majority ground-truth label. label, groups: int [H, W] -> int [H, W].
@@ -64,12 +78,8 @@ def oracle_labels(label: np.ndarray, groups: np.ndarray, num_classes: int,
   A group with no labelled pixel keeps label 0 (it is not scored anyway: all its pixels are ignored).
   """
   out = np.zeros_like(label)
-  for g in np.unique(groups):
-    inside = groups == g
-    values = label[inside]
-    values = values[(values != ignore_index) & (values < num_classes)]
-    if values.size:
-      out[inside] = np.bincount(values, minlength=num_classes).argmax()
+  for g, counts in zip(*group_label_counts(label, groups, num_classes, ignore_index)):
+    out[groups == g] = counts.argmax()
   return out
 
 
@@ -81,18 +91,12 @@ def object_groups_named(label: np.ndarray, pred: np.ndarray, groups: np.ndarray,
   right when the majority of the predicted labels over the whole group is that class.
   """
   total = right = 0
-  for g in np.unique(groups):
-    inside = groups == g
-    values = label[inside]
-    keep = (values != ignore_index) & (values < num_classes)
-    if not keep.any():
-      continue
-    counts = np.bincount(values[keep], minlength=num_classes)
+  for g, counts in zip(*group_label_counts(label, groups, num_classes, ignore_index)):
     majority = int(counts.argmax())
-    if majority == 0 or counts[majority] <= OBJECT_GROUP_PURITY * keep.sum():
+    if majority == 0 or counts[majority] <= OBJECT_GROUP_PURITY * counts.sum():
       continue
     total += 1
-    right += int(np.bincount(pred[inside], minlength=num_classes).argmax() == majority)
+    right += int(np.bincount(pred[groups == g], minlength=num_classes).argmax() == majority)
   return total, right
 
 
@@ -103,15 +107,10 @@ def main_group_purity(label: np.ndarray, groups: np.ndarray, num_classes: int,
   A class's main group is the group holding most of its pixels; its purity is the share of that group's labelled
   pixels that are the class, in [0, 1]. Unlabelled pixels (ignore_index, or >= num_classes) count nowhere.
   """
-  keep = (label != ignore_index) & (label < num_classes)
-  group_ids, flat_groups = np.unique(groups[keep], return_inverse=True)
-  if not group_ids.size:
-    return {}
-  counts = np.zeros((len(group_ids), num_classes), np.int64)  # [groups, classes]: labelled pixels
-  np.add.at(counts, (flat_groups.reshape(-1), label[keep]), 1)
-  sizes = counts.sum(axis=1)
-  return {c: float(counts[counts[:, c].argmax(), c] / sizes[counts[:, c].argmax()])
-          for c in range(1, num_classes) if counts[:, c].any()}
+  _, counts = group_label_counts(label, groups, num_classes, ignore_index)  # [S, C]
+  main = counts.argmax(axis=0)  # [C]: each class's main group
+  sizes = counts.sum(axis=1)  # [S]
+  return {c: float(counts[main[c], c] / sizes[main[c]]) for c in range(1, num_classes) if counts[:, c].any()}
 
 
 def _row_share(confusion: np.ndarray, row: int, column: int) -> float:
