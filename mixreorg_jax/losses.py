@@ -79,6 +79,7 @@ def segment_noun_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: 
 
 
 SEG_NEGATIVES = ("group", "batch")
+SEG_TARGETS = ("caption", "nouns")
 
 
 def seg_loss(assignment: jax.Array, segment_emb: jax.Array, text_emb: jax.Array, src: jax.Array,
@@ -87,9 +88,12 @@ def seg_loss(assignment: jax.Array, segment_emb: jax.Array, text_emb: jax.Array,
 
   assignment: [B, N, G] patch-to-segment (straight-through, so gradients reach the grouping blocks);
   segment_emb: [B, G, D] normalised projected segment tokens of the mixed images; text_emb: [B, D] captions of
-  the original images; src: int [B, N] in [0, K); group_size: K. Mixed image i belongs to mixing group
-  q = i // K, whose source images are q*K .. q*K + K - 1. With t_j the caption of image j,
+  the original images, or [B, M, D] their M noun prompts (not in the paper: config.loss.seg_targets="nouns");
+  src: int [B, N] in [0, K); group_size: K. Mixed image i belongs to mixing group q = i // K, whose source
+  images are q*K .. q*K + K - 1. With t_j the caption of image j,
     logits[i, p, j] = scale * sum_g A[i, p, g] * cos(s_{i,g}, t_j),
+  and with noun prompts n_{j,m}, cos(s_{i,g}, t_j) becomes max_m cos(s_{i,g}, n_{j,m}): a segment matches a
+  source by its best noun, as zero-shot segmentation names a segment by its best class prompt. The logits run
   over the K captions of the group (negatives="group", DESIGN.md: K - 1 negatives) or over all B captions of
   the (global) batch (negatives="batch": B - 1 negatives, so a segment must be nearer its source caption than
   every other caption, not only the other K - 1 sources). The target is the source image q*K + src[i, p].
@@ -97,17 +101,19 @@ def seg_loss(assignment: jax.Array, segment_emb: jax.Array, text_emb: jax.Array,
   """
   if negatives not in SEG_NEGATIVES:
     raise ValueError(f"config.loss.seg_negatives={negatives!r}: expected one of {SEG_NEGATIVES}.")
-  b, d = text_emb.shape
+  targets = text_emb if text_emb.ndim == 3 else text_emb[:, None, :]  # [B, M, D]; M = 1 for captions.
+  b, m, d = targets.shape
   groups = b // group_size
   if negatives == "group":
-    # Row i gets the K captions of its group: [B, K, D].
-    captions = jnp.broadcast_to(text_emb.reshape(groups, 1, group_size, d), (groups, group_size, group_size, d))
-    seg_to_caption = jnp.einsum("bgd,bkd->bgk", segment_emb, captions.reshape(b, group_size, d))  # [B, G, K]
+    # Row i gets the K sources of its group: [B, K, M, D].
+    sources = jnp.broadcast_to(targets.reshape(groups, 1, group_size, m, d),
+                               (groups, group_size, group_size, m, d)).reshape(b, group_size, m, d)
+    seg_to_source = jnp.einsum("bgd,bkmd->bgkm", segment_emb, sources).max(axis=-1)  # [B, G, K]
     target = src
   else:
-    seg_to_caption = jnp.einsum("bgd,jd->bgj", segment_emb, text_emb)  # [B, G, B]
+    seg_to_source = jnp.einsum("bgd,jmd->bgjm", segment_emb, targets).max(axis=-1)  # [B, G, B]
     target = (jnp.arange(b) // group_size * group_size)[:, None] + src  # [B, N]: index of the source caption.
-  logits = scale * jnp.einsum("bng,bgk->bnk", assignment.astype(jnp.float32), seg_to_caption)  # [B, N, K or B]
+  logits = scale * jnp.einsum("bng,bgk->bnk", assignment.astype(jnp.float32), seg_to_source)  # [B, N, K or B]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
   accuracy = (jnp.argmax(logits, axis=-1) == target).mean()
   return loss, accuracy

@@ -118,8 +118,10 @@ def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, 
     restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
     out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)
     _, mixed_segment_emb = model.project_segments(segments[b:2 * b], train, update_stats=False)
-    out["loss_seg"], out["seg_acc"] = losses.seg_loss(features["mixed_assignment"], mixed_segment_emb, text_emb,
-                                                      labels["src"], scale, config.mix.group_size,
+    # Not in the paper: seg_targets="nouns" matches mixed segments with their sources' noun prompts.
+    source_emb, seg_scale = (noun_emb, ml_scale) if config.loss.seg_targets == "nouns" else (text_emb, scale)
+    out["loss_seg"], out["seg_acc"] = losses.seg_loss(features["mixed_assignment"], mixed_segment_emb, source_emb,
+                                                      labels["src"], seg_scale, config.mix.group_size,
                                                       config.loss.seg_negatives)
   # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
   info = features["group_info"]

@@ -42,6 +42,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from mixreorg_jax import evaluator
+from mixreorg_jax import losses
 from mixreorg_jax import optim
 from mixreorg_jax import sharding
 from mixreorg_jax import train_step
@@ -377,6 +378,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   for key in ("w_noun_seg", "w_segment_nouns"):
     if config.loss[key] and not config.model.multi_label:
       raise ValueError(f"config.loss.{key} needs the noun prompts of config.model.multi_label=True.")
+  if config.loss.seg_targets not in losses.SEG_TARGETS:
+    raise ValueError(f"config.loss.seg_targets={config.loss.seg_targets!r}: expected one of {losses.SEG_TARGETS}.")
+  if config.loss.seg_targets == "nouns" and not config.model.multi_label:
+    raise ValueError("config.loss.seg_targets='nouns' needs the noun prompts of config.model.multi_label=True.")
   tokenizer = tokenizers.make_tokenizer(config.input)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="

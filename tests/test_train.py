@@ -161,6 +161,8 @@ def test_two_evaluations_log_their_curves_and_their_protocols(synthetic_dir, tmp
     ({"input.normalization": "imagenet21k"}, "config.input.normalization"),
     ({"input.image_size": 36}, "config.input.image_size"),
     ({"evals.tuning.data.root": "/nonexistent/voc"}, "config.evals.tuning.data.root"),
+    ({"loss.seg_targets": "words"}, "config.loss.seg_targets='words'"),
+    ({"loss.seg_targets": "nouns"}, "config.loss.seg_targets='nouns' needs the noun prompts"),
 ])
 def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -95,7 +95,7 @@ def test_same_loss_gradients_and_update_on_one_device_data8_and_fsdp():
 def test_multi_label_and_noun_segment_step_is_the_same_on_every_mesh():
   config = helpers.tiny_config(**MESH_CONFIG, **{"model.multi_label": True, "input.num_nouns": 3,
                                                   "loss.w_noun_seg": 1.0, "loss.w_segment_nouns": 1.0,
-                                                  "loss.seg_negatives": "batch"})
+                                                  "loss.seg_negatives": "batch", "loss.seg_targets": "nouns"})
   metrics = _assert_same_step_on_meshes(config, meshes=((4, 2),))
   assert metrics["loss_multi_label"] > 0.5 * np.log(config.input.batch_size)
   assert metrics["loss_noun_seg"] > 0.1 and metrics["loss_segment_nouns"] > 0.1
@@ -252,14 +252,19 @@ def test_group_information_weight_subtracts_the_logged_term_and_reaches_the_grou
 
 
 def _seg_loss_reference(assignment, segment_emb, text_emb, src, scale, k, negatives):
-  """L_seg written out with loops in numpy: the captions each mixed patch is contrasted with, and its logits."""
+  """L_seg written out with loops in numpy: the captions each mixed patch is contrasted with, and its logits.
+
+  text_emb [B, D] (captions) or [B, M, D] (noun prompts: a segment's similarity to a source is its best noun's).
+  """
   b, n, _ = assignment.shape
+  similarity = lambda s, j: (max(s @ t for t in text_emb[j]) if text_emb.ndim == 3  # noqa: E731
+                             else s @ text_emb[j])
   losses_, hits = [], []
   for i in range(b):
     first = i // k * k
     candidates = list(range(first, first + k)) if negatives == "group" else list(range(b))
     for p in range(n):
-      logits = np.array([scale * sum(assignment[i, p, g] * segment_emb[i, g] @ text_emb[j]
+      logits = np.array([scale * sum(assignment[i, p, g] * similarity(segment_emb[i, g], j)
                                      for g in range(assignment.shape[2])) for j in candidates])
       target = candidates.index(first + src[i, p])
       log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
@@ -268,14 +273,15 @@ def _seg_loss_reference(assignment, segment_emb, text_emb, src, scale, k, negati
   return np.mean(losses_), np.mean(hits)
 
 
-@pytest.mark.parametrize("negatives,k", [("group", 2), ("group", 3), ("batch", 2), ("batch", 3)])
-def test_seg_loss_matches_a_written_out_computation(negatives, k):
+@pytest.mark.parametrize("negatives,k,nouns", [("group", 2, 0), ("group", 3, 0), ("batch", 2, 0), ("batch", 3, 0),
+                                               ("group", 2, 3), ("batch", 3, 3)])
+def test_seg_loss_matches_a_written_out_computation(negatives, k, nouns):
   rng = np.random.default_rng(0)
   b, n, g, d = 6, 5, 4, 8
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   assignment = rng.dirichlet(np.ones(g), size=(b, n)).astype(np.float32)
   segment_emb = unit(rng.normal(size=(b, g, d))).astype(np.float32)
-  text_emb = unit(rng.normal(size=(b, d))).astype(np.float32)
+  text_emb = unit(rng.normal(size=(b, nouns, d) if nouns else (b, d))).astype(np.float32)
   src = rng.integers(0, k, (b, n)).astype(np.int32)
   loss, accuracy = losses.seg_loss(jnp.asarray(assignment), jnp.asarray(segment_emb), jnp.asarray(text_emb),
                                    jnp.asarray(src), jnp.float32(7.0), k, negatives)
@@ -283,6 +289,10 @@ def test_seg_loss_matches_a_written_out_computation(negatives, k):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(accuracy, ref_accuracy)
   assert ref_loss > 0.1  # not a degenerate case
+  if nouns:  # the best noun, not the mean or the first one: the loss differs from those computations.
+    for stand_in in (text_emb.mean(axis=1), text_emb[:, 0]):
+      other, _ = _seg_loss_reference(assignment, segment_emb, stand_in, src, 7.0, k, negatives)
+      assert abs(other - ref_loss) > 1e-2
 
 
 def test_seg_loss_rejects_unknown_negatives():
