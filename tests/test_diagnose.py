@@ -131,6 +131,15 @@ def test_main_group_purity_is_the_group_holding_most_of_the_class():
   assert per_class["b"]["main_group_purity"] == pytest.approx(50)
 
 
+def test_nearest_prompt_is_the_other_class_with_the_highest_cosine():
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  emb = unit(np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]]))
+  nearest = diagnose.nearest_prompts(emb, ("a", "b", "c"))
+  assert nearest["a"] == ("b", pytest.approx(0.8))  # itself (cos 1) never counts
+  assert nearest["b"] == ("a", pytest.approx(0.8))
+  assert nearest["c"] == ("b", pytest.approx(0.36))
+
+
 def test_oracle_and_named_groups_ignore_unlabelled_pixels():
   lab = scene(1)
   lab[0, :] = 255
@@ -151,12 +160,14 @@ def test_diagnose_command_writes_report_and_pictures(tmp_path):
        f"--checkpoint={checkpoint}", f"--config.data.root={tmp_path / 'voc'}", "--thresholds=0.1,0.5,0.9",
        f"--output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "oracle mIoU" in result.stdout and "verdict:" in result.stdout
+  assert "oracle mIoU" in result.stdout and "verdict:" in result.stdout and "nearest prompt (cos)" in result.stdout
   with open(tmp_path / "out" / "diagnose.json") as f:
     report = json.load(f)
   assert report["num_images"] == 3 and report["thresholds"] == [0.1, 0.5, 0.9]
   assert len(report["mIoU_by_threshold"]) == 3 and 0 <= report["oracle_mIoU"] <= 100
   assert np.asarray(report["confusion"]).sum() == 3 * 64 * 64
+  for name, row in report["per_class"].items():
+    assert row["nearest_prompt"] != name and -1 <= row["nearest_prompt_cos"] <= 1
   for name in ("confusion.png", "bg_threshold.png"):
     assert os.path.getsize(tmp_path / "out" / name) > 1000
 

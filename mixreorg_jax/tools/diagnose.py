@@ -19,10 +19,12 @@ config's protocol once, this reports
                        whose best foreground class is it, the background rule off: its naming); and called
                        background (the share of its pixels under the protocol's threshold); and the purity of its
                        main group (in each image that has the class, the group holding most of its pixels: the
-                       share of that group's labelled pixels that are the class, averaged over those images). A
-                       class named right without the threshold yet called background has weak scores: its groups
-                       are impure (low purity) or its prompt is close to others', and the threshold takes it for
-                       background;
+                       share of that group's labelled pixels that are the class, averaged over those images); and
+                       its nearest prompt (the other class whose prompt embedding has the highest cosine with
+                       its own). A class named right without the threshold yet called background has weak
+                       scores: its groups are impure (low purity) or its prompt is close to others' (a high
+                       nearest-prompt cosine caps how sure a softmax over the prompts can be), and the threshold
+                       takes it for background;
 
 and writes into output_dir (default <checkpoint>/diagnose/<dataset>/) `diagnose.json`, `confusion.png` (rows =
 ground truth, normalised per row) and `bg_threshold.png` (mIoU against the threshold).
@@ -111,6 +113,18 @@ def main_group_purity(label: np.ndarray, groups: np.ndarray, num_classes: int,
   main = counts.argmax(axis=0)  # [C]: each class's main group
   sizes = counts.sum(axis=1)  # [S]
   return {c: float(counts[main[c], c] / sizes[main[c]]) for c in range(1, num_classes) if counts[:, c].any()}
+
+
+def nearest_prompts(class_emb: np.ndarray, names: Sequence[str]) -> Dict[str, Tuple[str, float]]:
+  """For each prompted class, the other class whose prompt is nearest and their cosine.
+
+  class_emb: float [C, D], L2-normalised prompt embeddings of `names` (C >= 2). -> {name: (nearest name, cos)}.
+  """
+  emb = np.asarray(class_emb, np.float64)
+  similarity = emb @ emb.T
+  np.fill_diagonal(similarity, -np.inf)
+  nearest = similarity.argmax(axis=1)
+  return {name: (names[j], float(similarity[i, j])) for i, (name, j) in enumerate(zip(names, nearest))}
 
 
 def _row_share(confusion: np.ndarray, row: int, column: int) -> float:
@@ -289,6 +303,10 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
 
   segmented = ((labels.pop(s.key), s.scores, s.groups, s.best_group_score) for s in segmenter(images()))
   summary = diagnose_examples(segmented, class_names, config, thresholds)
+  prompted = zeroshot.foreground_names(class_names, True)
+  for name, (other, cos) in nearest_prompts(np.asarray(class_emb), prompted).items():
+    if name in summary["per_class"]:
+      summary["per_class"][name].update(nearest_prompt=other, nearest_prompt_cos=cos)
   summary["class_names"] = list(class_names)
   summary["checkpoint"] = os.path.abspath(checkpoint)
   summary["dataset"] = f"{config.data.name} at {config.data.root}"
@@ -318,11 +336,12 @@ def format_report(summary: Dict[str, Any]) -> str:
   if per_class:
     width = max(len(name) for name in per_class)
     lines.append(f"{'class':<{width}}  {'IoU':>5}  {'oracle IoU':>10}  {'named right, no threshold %':>27}  "
-                 f"{'called background %':>19}  {'main group purity %':>19}")
+                 f"{'called background %':>19}  {'main group purity %':>19}  nearest prompt (cos)")
     for name, row in per_class.items():
+      nearest = f"{row['nearest_prompt']} ({row['nearest_prompt_cos']:.2f})" if "nearest_prompt" in row else ""
       lines.append(f"{name:<{width}}  {row['iou']:>5.1f}  {row['oracle_iou']:>10.1f}  "
                    f"{row['named_right_unthresholded']:>27.1f}  {row['called_background']:>19.1f}  "
-                   f"{row['main_group_purity']:>19.1f}")
+                   f"{row['main_group_purity']:>19.1f}  {nearest}".rstrip())
   return "\n".join(lines)
 
 
