@@ -47,6 +47,7 @@ def get_config(arg=None):
   c.input.crop_scale = (0.5, 1.0)
 
   c.model.multi_label = True
+  c.model.joint_text_projection = False  # the recorded demo runs normalised captions and noun prompts apart.
   c.model.projection_dim = 64
   c.model.projection_hidden_dim = 256
   v = c.model.vision

@@ -100,12 +100,16 @@ def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, 
   b = features["text"].shape[0]
   segments = features["segments"]
   image_emb, segment_emb = model.project_segments(segments[:b], train)  # only the original branch updates BN.
-  text_emb = model.project_text(features["text"], train)
+  if model.multi_label and config.model.joint_text_projection:  # GroupViT: one BatchNorm batch of B * (1 + M).
+    both = model.project_text(jnp.concatenate([features["text"][:, None], features["nouns"]], axis=1), train)
+    text_emb, noun_emb = both[:, 0], both[:, 1:]  # [B, D], [B, M, D]
+  else:
+    text_emb = model.project_text(features["text"], train)
+    noun_emb = model.project_text(features["nouns"], train) if model.multi_label else None  # [B, M, D]
   scale = model.scale()
   out = {"logit_scale": scale}
   out["loss_orig"] = losses.contrastive_loss(image_emb, text_emb, scale)
   if model.multi_label:
-    noun_emb = model.project_text(features["nouns"], train)  # [B, M, D]
     ml_scale = model.scale("multi_label_logit_scale")
     out["loss_multi_label"] = losses.multi_label_loss(image_emb, noun_emb, ml_scale)
     out["loss_orig"] = out["loss_orig"] + out["loss_multi_label"]

@@ -166,6 +166,21 @@ def test_seg_loss_gradient_reaches_grouping_and_text_tower():
   assert norm(grads["text_projection"]) > 0
 
 
+@pytest.mark.parametrize("joint", [True, False])
+def test_captions_share_the_text_projectors_batch_statistics_with_the_noun_prompts_when_joint(joint):
+  # The caption-image term reads the noun prompts only through the projector's BatchNorm statistics.
+  config = helpers.tiny_config(**{"model.multi_label": True, "input.num_nouns": 3,
+                                  "model.joint_text_projection": joint})
+  _, _, _, state = _setup(config)
+  batch = helpers.random_batch(config)
+  other_nouns = dict(batch, nouns=helpers.random_batch(config, seed=1)["nouns"])
+  rngs = train_step.step_rngs(state.rng, jnp.int32(0))
+  caption_term = lambda b: float((lambda o: o["loss_orig"] - o["loss_multi_label"])(  # noqa: E731
+      _forward(config, state.params, state.batch_stats, b, rngs)))
+  moved = abs(caption_term(batch) - caption_term(other_nouns))
+  assert (moved > 1e-4) if joint else (moved < 1e-6)
+
+
 def optax_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 

@@ -15,6 +15,9 @@ def reference_model_config() -> ml_collections.ConfigDict:
   m.remat = False  # rematerialise every Transformer block.
   m.mixreorg = True  # False = the plain GroupViT step (no mixed or restored branch).
   m.multi_label = True
+  # Captions and noun prompts through the text projector as one batch, so that its BatchNorm normalises both
+  # with the same statistics, as GroupViT's encode_text of [B, 1 + M, L] does (False: one batch each).
+  m.joint_text_projection = True
   m.projection_dim = 256
   m.projection_hidden_dim = 4096
   m.logit_scale_init = math.log(1 / 0.07)
