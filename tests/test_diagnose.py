@@ -131,6 +131,20 @@ def test_main_group_purity_is_the_group_holding_most_of_the_class():
   assert per_class["b"]["main_group_purity"] == pytest.approx(50)
 
 
+def test_patch_grid_ceiling_gives_every_patch_its_majority_label():
+  label = np.zeros((8, 8), np.int64)
+  label[0:3, 0:3] = 1  # 9 pixels: 9 of cell 0's 16 -> cell 0 is class 1 and takes 7 background pixels
+  label[4:6, 4:8] = 2  # 8 pixels: half of cell 3 -> a tie, argmax takes the background
+  assert np.array_equal(diagnose.patch_grid((5, 6), 4), [[0, 0, 0, 0, 1, 1]] * 4 + [[2, 2, 2, 2, 3, 3]])
+  d = diagnose.Diagnosis(CLASSES, (0.5,), 0.5, patch_size=4)
+  d.add(label, scores_naming(label, {1: 1, 2: 2, 3: 3}), label)
+  s = d.summary()
+  iou_background = (64 - 16 - 8) / (64 - 9)  # right: 40 pixels; predicted: 48, true: 47 -> union 55
+  assert s["patch_grid_ceiling_mIoU"] == pytest.approx(100 * (iou_background + 9 / 16 + 0) / 3)
+  assert s["oracle_mIoU"] == pytest.approx(100)  # the groups are the labels themselves
+  assert diagnose.Diagnosis(CLASSES, (0.5,), 0.5).summary()["patch_grid_ceiling_mIoU"] is None
+
+
 def test_nearest_prompt_is_the_other_class_with_the_highest_cosine():
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   emb = unit(np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]]))
@@ -165,6 +179,7 @@ def test_diagnose_command_writes_report_and_pictures(tmp_path):
     report = json.load(f)
   assert report["num_images"] == 3 and report["thresholds"] == [0.1, 0.5, 0.9]
   assert len(report["mIoU_by_threshold"]) == 3 and 0 <= report["oracle_mIoU"] <= 100
+  assert report["oracle_mIoU"] <= 100 and 0 < report["patch_grid_ceiling_mIoU"] <= 100
   assert np.asarray(report["confusion"]).sum() == 3 * 64 * 64
   for name, row in report["per_class"].items():
     assert row["nearest_prompt"] != name and -1 <= row["nearest_prompt_cos"] <= 1

@@ -9,6 +9,9 @@ config's protocol once, this reports
 
   oracle mIoU          every group of the argmax group map takes its majority ground-truth label: the mIoU of
                        a perfect namer on these groups (low = the grouping fails);
+  patch-grid ceiling   every patch of the model's grid takes its majority label: what a model that groups and
+                       names every patch right would reach, the bound its patch size sets on these labels (native-
+                       size protocols only: with a resize the patches do not fall on the label's pixel grid);
   groups named right   of the object groups (more than half of their labelled pixels one foreground class), the
                        share whose predicted label (the majority of the protocol's labels over the group) is that
                        class (low with a high oracle = the naming fails);
@@ -85,6 +88,12 @@ def oracle_labels(label: np.ndarray, groups: np.ndarray, num_classes: int,
   return out
 
 
+def patch_grid(shape: Tuple[int, int], patch: int) -> np.ndarray:
+  """int [H, W]: the index of the patch x patch cell of each pixel, row-major (a partial last cell counts)."""
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  return yy // patch * -(-shape[1] // patch) + xx // patch
+
+
 def object_groups_named(label: np.ndarray, pred: np.ndarray, groups: np.ndarray, num_classes: int,
                         ignore_index: int = seg_metrics.IGNORE_INDEX) -> Tuple[int, int]:
   """-> (object groups, those named right) of one image. label, pred, groups: int [H, W].
@@ -135,12 +144,16 @@ def _row_share(confusion: np.ndarray, row: int, column: int) -> float:
 class Diagnosis:
   """Accumulates the statistics of `diagnose` over images (label 0 is the background)."""
 
-  def __init__(self, class_names: Sequence[str], thresholds: Sequence[float], protocol_threshold: float):
+  def __init__(self, class_names: Sequence[str], thresholds: Sequence[float], protocol_threshold: float,
+               patch_size: int = 0):
+    """patch_size: the model's patch in label pixels, for the patch-grid ceiling (0 = not reported)."""
     self.class_names = tuple(class_names)
     self.protocol_threshold = float(protocol_threshold)
+    self.patch_size = int(patch_size)
     c = len(class_names)
     self.confusion = np.zeros((c, c), np.int64)  # at the protocol's threshold
     self.oracle_confusion = np.zeros((c, c), np.int64)
+    self.ceiling_confusion = np.zeros((c, c), np.int64)  # every patch its majority label
     self.unthresholded_confusion = np.zeros((c, c), np.int64)  # every pixel its best foreground class
     self.sweep = seg_metrics.ThresholdSweep(class_names, thresholds)
     self.object_groups = self.named_right = self.num_images = 0
@@ -155,6 +168,9 @@ class Diagnosis:
     pred = seg_metrics.label_with_threshold(foreground_scores, self.protocol_threshold, best_group_score)
     self.confusion += seg_metrics.confusion_matrix(label, pred, c)
     self.oracle_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, groups, c), c)
+    if self.patch_size:
+      cells = patch_grid(label.shape, self.patch_size)
+      self.ceiling_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, cells, c), c)
     self.unthresholded_confusion += seg_metrics.confusion_matrix(label, foreground_scores.argmax(axis=0) + 1, c)
     self.sweep.add(label, foreground_scores, best_group_score)
     total, right = object_groups_named(label, pred, groups, c)
@@ -175,6 +191,7 @@ class Diagnosis:
         "mIoU": protocol["mIoU"],
         "per_class_iou": protocol["per_class_iou"],
         "oracle_mIoU": miou(self.oracle_confusion),
+        "patch_grid_ceiling_mIoU": miou(self.ceiling_confusion) if self.patch_size else None,
         "object_groups": self.object_groups,
         "object_groups_named_right": 100.0 * self.named_right / max(self.object_groups, 1),
         "background_false_positive_rate": 100.0 * background[1:].sum() / max(background.sum(), 1),
@@ -263,10 +280,10 @@ def plot_threshold_curve(thresholds: Sequence[float], mious: Sequence[float], ch
 # ----------------------------------------------------------------------------------------------------------------
 def diagnose_examples(examples: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray, float]],
                       class_names: Sequence[str], config: ml_collections.ConfigDict,
-                      thresholds: Sequence[float]) -> Dict[str, Any]:
+                      thresholds: Sequence[float], patch_size: int = 0) -> Dict[str, Any]:
   """(label [H, W], scores [C, H, W] with a background channel first, groups [H, W], best group score) per
-  image -> summary."""
-  diagnosis = Diagnosis(class_names, thresholds, config.bg_threshold)
+  image -> summary. patch_size: the model's patch in label pixels (0: no patch-grid ceiling)."""
+  diagnosis = Diagnosis(class_names, thresholds, config.bg_threshold, patch_size)
   for label, scores, groups, best_group_score in examples:
     diagnosis.add(label, scores[1:], groups, best_group_score)
   return diagnosis.summary()
@@ -302,7 +319,9 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
       yield name, image
 
   segmented = ((labels.pop(s.key), s.scores, s.groups, s.best_group_score) for s in segmenter(images()))
-  summary = diagnose_examples(segmented, class_names, config, thresholds)
+  native = not (protocol.short_side or protocol.window)
+  patch_size = int(model.config.vision.patch_size) if native else 0
+  summary = diagnose_examples(segmented, class_names, config, thresholds, patch_size)
   prompted = zeroshot.foreground_names(class_names, True)
   for name, (other, cos) in nearest_prompts(np.asarray(class_emb), prompted).items():
     if name in summary["per_class"]:
@@ -327,6 +346,8 @@ def format_report(summary: Dict[str, Any]) -> str:
   lines = [f"{summary['num_images']} images of {summary.get('dataset', '')}",
            f"mIoU at background threshold {summary['bg_threshold']:g}: {summary['mIoU']:.1f}",
            f"oracle mIoU of the groups (majority label per group): {summary['oracle_mIoU']:.1f}",
+           *([f"patch-grid ceiling (majority label per patch): {summary['patch_grid_ceiling_mIoU']:.1f}"]
+             if summary.get("patch_grid_ceiling_mIoU") is not None else []),
            f"object groups named right: {summary['object_groups_named_right']:.1f}% of {summary['object_groups']}",
            f"background pixels called objects: {summary['background_false_positive_rate']:.1f}%",
            f"best background threshold: {summary['best_threshold']:g} (mIoU {summary['best_threshold_mIoU']:.1f})",
