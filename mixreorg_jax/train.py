@@ -375,13 +375,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      f"config.model.text.context_length={config.model.text.context_length}.")
   if config.model.multi_label and not config.input.num_nouns:
     raise ValueError("config.model.multi_label=True needs config.input.num_nouns > 0.")
-  for key in ("w_noun_seg", "w_segment_nouns"):
-    if config.loss[key] and not config.model.multi_label:
-      raise ValueError(f"config.loss.{key} needs the noun prompts of config.model.multi_label=True.")
   if config.loss.seg_targets not in losses.SEG_TARGETS:
     raise ValueError(f"config.loss.seg_targets={config.loss.seg_targets!r}: expected one of {losses.SEG_TARGETS}.")
-  if config.loss.seg_targets == "nouns" and not config.model.multi_label:
-    raise ValueError("config.loss.seg_targets='nouns' needs the noun prompts of config.model.multi_label=True.")
+  uses_nouns = {"w_noun_seg": bool(config.loss.w_noun_seg), "w_segment_nouns": bool(config.loss.w_segment_nouns),
+                "seg_targets='nouns'": config.loss.seg_targets == "nouns"}
+  for key, used in uses_nouns.items():
+    if used and not config.model.multi_label:
+      raise ValueError(f"config.loss.{key} needs the noun prompts of config.model.multi_label=True.")
   tokenizer = tokenizers.make_tokenizer(config.input)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="

@@ -179,7 +179,7 @@ def test_diagnose_command_writes_report_and_pictures(tmp_path):
     report = json.load(f)
   assert report["num_images"] == 3 and report["thresholds"] == [0.1, 0.5, 0.9]
   assert len(report["mIoU_by_threshold"]) == 3 and 0 <= report["oracle_mIoU"] <= 100
-  assert report["oracle_mIoU"] <= 100 and 0 < report["patch_grid_ceiling_mIoU"] <= 100
+  assert 0 < report["patch_grid_ceiling_mIoU"] <= 100
   assert np.asarray(report["confusion"]).sum() == 3 * 64 * 64
   for name, row in report["per_class"].items():
     assert row["nearest_prompt"] != name and -1 <= row["nearest_prompt_cos"] <= 1
