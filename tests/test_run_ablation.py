@@ -84,3 +84,24 @@ def test_the_recorded_runs_keep_their_fingerprint_and_their_metrics_read_under_t
   assert {"eval/heldout/mIoU", "eval/heldout/per_class/circle", "eval/heldout/chance_mIoU"} <= set(metrics)
   assert run_ablation.current_names({"eval/tuning_mIoU": 1.0, "eval/tuned_bg_mIoU": 2.0}) == {
       "eval/tuning/mIoU": 1.0, "eval/heldout/tuned_bg_mIoU": 2.0}
+
+
+def test_runs_with_other_overrides_get_their_own_directory():
+  """A finished run's directory is reused on resume, so one with other overrides must not land in it."""
+  plain = run_ablation.run_dir_name("mixreorg", "3", [])
+  assert plain == "mixreorg_seed3"
+  a = run_ablation.run_dir_name("mixreorg", "3", ["--config.a=1", "--config.b=2"])
+  assert a.startswith("mixreorg_seed3_") and a != plain
+  assert run_ablation.run_dir_name("mixreorg", "3", ["--config.b=2", "--config.a=1"]) == a  # order-free
+  assert run_ablation.run_dir_name("mixreorg", "3", ["--config.a=2", "--config.b=2"]) != a
+  assert run_ablation.run_dir_name("mixreorg", "4", ["--config.a=1", "--config.b=2"]) != a
+
+
+def test_a_new_record_says_which_cpu_trained_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(run_ablation, "train_run", lambda *a, **k: {"eval/mIoU": 1.0})
+  results = str(tmp_path / "runs.jsonl")
+  run_ablation.run("mixreorg", "0", str(tmp_path / "r"), [], results, {}, "abc")
+  with open(results) as f:
+    record = json.loads(f.readline())
+  assert record["host"] == run_ablation.host_description()
+  assert "AVX-512" in record["host"] and "cores" in record["host"]

@@ -24,6 +24,8 @@ if __name__ == "__main__":
 
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import time
@@ -154,6 +156,32 @@ def read_results(path: str) -> Dict[str, Dict]:
   return records
 
 
+def run_dir_name(variant: str, seed: str, extra: Sequence[str]) -> str:
+  """The run's directory under --workdir: `<variant>_seed<seed>`, plus a hash of the sorted extra overrides when
+  there are any, so that runs of the same variant and seed with other overrides never share (and silently reuse)
+  one directory."""
+  name = f"{variant}_seed{seed}"
+  if extra:
+    name += "_" + hashlib.sha256(json.dumps(sorted(extra)).encode()).hexdigest()[:8]
+  return name
+
+
+def host_description() -> str:
+  """The CPU the run trained on (model name and whether it has AVX-512): float rounding, hence a run's trajectory,
+  differs between CPU kinds, so a figure is only reproduced bit for bit on the same kind."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    names = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
+    model = names[0].strip() if names else model
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    avx512 = bool(flags_line and "avx512f" in flags_line.group(1).split())
+  except OSError:
+    avx512 = False
+  return f"{model}, {os.cpu_count()} cores, {'AVX-512' if avx512 else 'no AVX-512'}"
+
+
 def _commit() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -203,7 +231,8 @@ def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_pat
     start = time.time()
     metrics = train_run(variant, seed, run_dir, extra)
     record = {"variant": variant, "seed": str(seed), "overrides": sorted(extra), "config": fingerprint,
-              "metrics": metrics, "commit": _commit(), "seconds": round(time.time() - start, 1)}
+              "metrics": metrics, "commit": _commit(), "seconds": round(time.time() - start, 1),
+              "host": host_description()}
   append_record(results_path, record)
   known[key] = record
   return record["metrics"]
@@ -268,7 +297,7 @@ def main(argv):
         if key in known:
           results[variant].append(known[key]["metrics"])
         continue
-      run_dir = os.path.join(FLAGS.workdir, f"{variant}_seed{seed}")
+      run_dir = os.path.join(FLAGS.workdir, run_dir_name(variant, seed, extra))
       results[variant].append(run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant],
                                   FLAGS.reevaluate))
   text = table({v: runs for v, runs in results.items() if runs})
