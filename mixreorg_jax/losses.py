@@ -71,11 +71,38 @@ def segment_noun_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: 
   b, m, _ = noun_emb.shape
   prompts = noun_emb.reshape(b * m, -1)
   logits = scale * jnp.einsum("jgd,ud->jug", segment_emb, prompts).max(axis=-1)  # [B, B*M]
-  flat = noun_tokens.reshape(b * m, -1)
-  copies = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).sum(axis=-1)  # [B*M]: occurrences of each prompt
-  normaliser = jax.nn.logsumexp(logits - jnp.log(copies.astype(logits.dtype)), axis=-1)  # [B]
+  normaliser = jax.nn.logsumexp(logits - jnp.log(_prompt_copies(noun_tokens).astype(logits.dtype)), axis=-1)  # [B]
   own = jnp.take_along_axis(logits, jnp.arange(b * m).reshape(b, m), axis=1)  # [B, M]: a[(j, m), j]
   return (normaliser[:, None] - own).mean()
+
+
+def segment_naming_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: jax.Array,
+                        scale: jax.Array) -> jax.Array:
+  """Not in the paper: the segment that best matches each noun must be named by it, as zero-shot segmentation
+  names one segment: by a softmax of that segment over the class prompts.
+
+  segment_emb: [B, G, D]; noun_emb: [B, M, D] normalised prompts; noun_tokens: int [B, M, L]; scale: scalar.
+  For the own prompt n_{j,m} of image j, g* = argmax_g cos(s_{j,g}, n_{j,m}) is its segment, and the prompt is
+  the target of a softmax of scale * cos(s_{j,g*}, n_u) over the batch's *distinct* prompts u (weighted 1/c as in
+  `segment_noun_loss`). The image's other prompts are negatives here: a segment names one thing. Where
+  `segment_noun_loss` compares, for each prompt, the image's best segment for it (a different segment per prompt),
+  this fixes the segment, so an embedding half-way between two classes' prompts, which the protocol would leave
+  under its background threshold, is penalised. The choice of g* is not differentiated. -> scalar.
+  """
+  b, m, _ = noun_emb.shape
+  prompts = noun_emb.reshape(b * m, -1)
+  best = jnp.argmax(jnp.einsum("jgd,jmd->jmg", segment_emb, noun_emb), axis=-1)  # [B, M]
+  named = jnp.take_along_axis(segment_emb, best[..., None], axis=1)  # [B, M, D]: the segment of each own prompt
+  logits = scale * jnp.einsum("jmd,ud->jmu", named, prompts)  # [B, M, B*M]
+  normaliser = jax.nn.logsumexp(logits - jnp.log(_prompt_copies(noun_tokens).astype(logits.dtype)), axis=-1)
+  own = jnp.take_along_axis(logits.reshape(b * m, b * m), jnp.arange(b * m)[:, None], axis=1).reshape(b, m)
+  return (normaliser - own).mean()
+
+
+def _prompt_copies(noun_tokens: jax.Array) -> jax.Array:
+  """noun_tokens: int [B, M, L] -> int [B * M]: how often each of the batch's prompts occurs in it."""
+  flat = noun_tokens.reshape(-1, noun_tokens.shape[-1])
+  return jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).sum(axis=-1)
 
 
 SEG_NEGATIVES = ("group", "batch")
@@ -137,9 +164,10 @@ def group_information_per_image(soft: jax.Array) -> jax.Array:
 
 
 def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0,
-               w_noun_seg: float = 0.0, w_segment_nouns: float = 0.0) -> jax.Array:
+               w_noun_seg: float = 0.0, w_segment_nouns: float = 0.0, w_segment_naming: float = 0.0) -> jax.Array:
   """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group + w_noun_seg * L_noun_seg
-  + w_segment_nouns * L_segment_nouns (missing terms count as 0)."""
+  + w_segment_nouns * L_segment_nouns + w_segment_naming * L_segment_naming (missing terms count as 0)."""
   return (terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)
           - w_group_info * terms.get("group_info", 0.0) + w_noun_seg * terms.get("loss_noun_seg", 0.0)
-          + w_segment_nouns * terms.get("loss_segment_nouns", 0.0))
+          + w_segment_nouns * terms.get("loss_segment_nouns", 0.0)
+          + w_segment_naming * terms.get("loss_segment_naming", 0.0))

@@ -378,6 +378,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.loss.seg_targets not in losses.SEG_TARGETS:
     raise ValueError(f"config.loss.seg_targets={config.loss.seg_targets!r}: expected one of {losses.SEG_TARGETS}.")
   uses_nouns = {"w_noun_seg": bool(config.loss.w_noun_seg), "w_segment_nouns": bool(config.loss.w_segment_nouns),
+                "w_segment_naming": bool(config.loss.w_segment_naming),
                 "seg_targets='nouns'": config.loss.seg_targets == "nouns"}
   for key, used in uses_nouns.items():
     if used and not config.model.multi_label:

@@ -172,7 +172,8 @@ def side_by_side(panels: Sequence, titles: Sequence[str] = (), pad: int = 4) -> 
 
 
 CURVE_KEYS = ("train/loss", "train/loss_orig", "train/loss_rest", "train/loss_seg", "train/loss_multi_label",
-              "train/loss_noun_seg", "train/loss_segment_nouns", "train/seg_acc", "train/group_info")
+              "train/loss_noun_seg", "train/loss_segment_nouns", "train/loss_segment_naming", "train/seg_acc",
+              "train/group_info")
 
 
 def plot_training_curves(metrics_jsonl_path: str, out_png: str, keys: Sequence[str] = CURVE_KEYS,

@@ -163,6 +163,7 @@ def test_two_evaluations_log_their_curves_and_their_protocols(synthetic_dir, tmp
     ({"evals.tuning.data.root": "/nonexistent/voc"}, "config.evals.tuning.data.root"),
     ({"loss.seg_targets": "words"}, "config.loss.seg_targets='words'"),
     ({"loss.seg_targets": "nouns"}, "config.loss.seg_targets='nouns' needs the noun prompts"),
+    ({"loss.w_segment_naming": 1.0}, "config.loss.w_segment_naming needs the noun prompts"),
 ])
 def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -355,3 +355,23 @@ def test_segment_noun_loss_matches_a_written_out_computation():
     losses_.extend(normaliser - best(j, k) for k in range(m))
   ours = losses.segment_noun_loss(jnp.asarray(segments), jnp.asarray(nouns), jnp.asarray(tokens), jnp.float32(scale))
   np.testing.assert_allclose(ours, np.mean(losses_), rtol=1e-5)
+
+
+def test_segment_naming_loss_names_each_nouns_best_segment_over_the_distinct_prompts():
+  b, g, m = 4, 3, 2
+  segments, nouns, tokens = _segments_and_prompts(3, b, g, m)
+  tokens[2, 0] = tokens[0, 1]  # one prompt twice: it must enter each normaliser once
+  nouns[2, 0] = nouns[0, 1]
+  scale = 5.0
+  distinct = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (3, 0), (3, 1)]  # (2, 0) is a copy of (0, 1)
+  losses_ = []
+  for j in range(b):
+    for k in range(m):
+      segment = segments[j, max(range(g), key=lambda h: segments[j, h] @ nouns[j, k])]  # the noun's best segment
+      normaliser = np.log(sum(np.exp(scale * segment @ nouns[i, q]) for i, q in distinct))
+      losses_.append(normaliser - scale * segment @ nouns[j, k])
+  args = jnp.asarray(segments), jnp.asarray(nouns), jnp.asarray(tokens), jnp.float32(scale)
+  ours = losses.segment_naming_loss(*args)
+  np.testing.assert_allclose(ours, np.mean(losses_), rtol=1e-5)
+  # It differs from the segment-noun loss, which takes the best segment per *candidate* prompt.
+  assert abs(float(ours) - float(losses.segment_noun_loss(*args))) > 0.05
