@@ -95,7 +95,7 @@ def segment_naming_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens
   named = jnp.take_along_axis(segment_emb, best[..., None], axis=1)  # [B, M, D]: the segment of each own prompt
   logits = scale * jnp.einsum("jmd,ud->jmu", named, prompts)  # [B, M, B*M]
   normaliser = jax.nn.logsumexp(logits - jnp.log(_prompt_copies(noun_tokens).astype(logits.dtype)), axis=-1)
-  own = jnp.take_along_axis(logits.reshape(b * m, b * m), jnp.arange(b * m)[:, None], axis=1).reshape(b, m)
+  own = jnp.diagonal(logits.reshape(b * m, b * m)).reshape(b, m)  # [B, M]: each prompt against its own segment
   return (normaliser - own).mean()
 
 
