@@ -17,6 +17,7 @@ def tiny_config(**overrides):
   # Without the noun prompts unless a test asks for them (tests/test_train_step.py runs that path).
   c.model.multi_label, c.input.num_nouns, c.input.noun_context_length = False, 0, 0
   c.loss.w_noun_seg = c.loss.w_segment_nouns = 0.0
+  c.loss.seg_targets = "caption"  # the noun-prompt target of the demo needs the prompts, off here.
   v = c.model.vision
   v.width, v.num_heads, v.depths, v.patch_size, v.image_size = 32, 2, (2, 1, 1), 8, 32
   v.num_group_tokens, v.num_output_groups = (8, 4, 0), (8, 4, 4)
