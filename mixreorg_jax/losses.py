@@ -71,7 +71,7 @@ def segment_noun_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: 
   b, m, _ = noun_emb.shape
   prompts = noun_emb.reshape(b * m, -1)
   logits = scale * jnp.einsum("jgd,ud->jug", segment_emb, prompts).max(axis=-1)  # [B, B*M]
-  normaliser = jax.nn.logsumexp(logits - jnp.log(_prompt_copies(noun_tokens).astype(logits.dtype)), axis=-1)  # [B]
+  normaliser = _logsumexp_over_distinct_prompts(logits, noun_tokens)  # [B]
   own = jnp.take_along_axis(logits, jnp.arange(b * m).reshape(b, m), axis=1)  # [B, M]: a[(j, m), j]
   return (normaliser[:, None] - own).mean()
 
@@ -94,15 +94,17 @@ def segment_naming_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens
   best = jnp.argmax(jnp.einsum("jgd,jmd->jmg", segment_emb, noun_emb), axis=-1)  # [B, M]
   named = jnp.take_along_axis(segment_emb, best[..., None], axis=1)  # [B, M, D]: the segment of each own prompt
   logits = scale * jnp.einsum("jmd,ud->jmu", named, prompts)  # [B, M, B*M]
-  normaliser = jax.nn.logsumexp(logits - jnp.log(_prompt_copies(noun_tokens).astype(logits.dtype)), axis=-1)
+  normaliser = _logsumexp_over_distinct_prompts(logits, noun_tokens)  # [B, M]
   own = jnp.diagonal(logits.reshape(b * m, b * m)).reshape(b, m)  # [B, M]: each prompt against its own segment
   return (normaliser - own).mean()
 
 
-def _prompt_copies(noun_tokens: jax.Array) -> jax.Array:
-  """noun_tokens: int [B, M, L] -> int [B * M]: how often each of the batch's prompts occurs in it."""
+def _logsumexp_over_distinct_prompts(logits: jax.Array, noun_tokens: jax.Array) -> jax.Array:
+  """logits: [..., B*M] over the batch's prompts; noun_tokens: int [B, M, L] -> [...]: the log-sum-exp in which a
+  prompt that occurs c times in the batch enters once (each copy weighted 1/c)."""
   flat = noun_tokens.reshape(-1, noun_tokens.shape[-1])
-  return jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).sum(axis=-1)
+  copies = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).sum(axis=-1)  # [B*M]
+  return jax.nn.logsumexp(logits - jnp.log(copies.astype(logits.dtype)), axis=-1)
 
 
 SEG_NEGATIVES = ("group", "batch")
