@@ -83,6 +83,9 @@ SERVICE_TIMEOUT_SECONDS = HEARTBEAT_TIMEOUT_SECONDS / 2
 LONG_PHASES = ("setup", "save", "eval", "hooks")
 # The phase of a loop waiting for the device (a step's results), and so maybe for a peer's part of a collective.
 WAITING = "sync"
+# The phase of a process past the processes' last meeting (PeerWatch.end_of_run): the run is over, and its peers
+# may disconnect at any moment.
+DONE = "done"
 # The peer watch's keys in the coordination service: progress_<process> ("step phase"), stop (the first verdict:
 # what happened, who is gone) and stopped_<process> (that process has printed it and is exiting).
 KEYS = "mixreorg_jax/"
@@ -120,6 +123,7 @@ class PeerWatch:
                      threading.Thread(target=self._watch_progress, name="peer_watch_progress", daemon=True)]
     self._seen: Dict[int, tuple] = {}  # process -> (its (step, phase), when this process first saw it)
     self._published = ""
+    self._publishing = threading.Lock()  # the loop's last "done" must not be overwritten by an older phase.
     self._exiting = threading.Lock()  # the first thread to stop the process holds it until the exit.
     self.step = 0  # the step the loop is on, and what it does in it; kept current by the loop.
     self.phase = "setup"
@@ -145,22 +149,56 @@ class PeerWatch:
     self._stop.set()
 
   def lost(self) -> List[int]:
-    """The processes the coordination service no longer counts as alive ([0] if the service itself is gone)."""
+    """The processes the coordination service no longer counts as alive ([0] if the service itself is gone).
+
+    None once a process is DONE: every process then met at the end of the run, and one that has gone since
+    just finished first.
+    """
     try:
       alive = self._client.get_live_nodes(list(range(self._count)))
+      gone = [i for i in range(self._count) if i not in alive]
+      if gone and self._run_is_over(progress_of(dict(self._client.key_value_dir_get(KEYS)))):
+        return []
     except Exception:  # the service runs in process 0: no answer means process 0 is lost.
       return [0]
-    return [i for i in range(self._count) if i not in alive]
+    return gone
+
+  @staticmethod
+  def _run_is_over(progress: Dict[int, str]) -> bool:
+    """Whether a process has passed the processes' last meeting (its phase is DONE)."""
+    return any(value.partition(" ")[2] == DONE for value in progress.values())
+
+  def _publish(self) -> None:
+    """Publishes this process's "step phase" if it changed since it last did."""
+    with self._publishing:
+      if (mine := f"{self.step} {self.phase}") != self._published:
+        self._client.key_value_set(f"{KEYS}progress_{self._index}", mine, allow_overwrite=True)
+        self._published = mine
 
   def _publish_and_read(self) -> Dict[str, str]:
     """Publishes this process's "step phase" if it changed; returns every key of the peer watch (KEYS).
 
     One small request a second per process, and one more when its step or phase changed.
     """
-    if (mine := f"{self.step} {self.phase}") != self._published:
-      self._client.key_value_set(f"{KEYS}progress_{self._index}", mine, allow_overwrite=True)
-      self._published = mine
+    self._publish()
     return dict(self._client.key_value_dir_get(KEYS))
+
+  def end_of_run(self) -> None:
+    """The processes' last meeting, after training and the final evaluation (or a preemption save).
+
+    Every process waits here for all the others (a peer lost or hung before it stops this one as anywhere
+    else), then publishes that it is DONE, before it leaves the watch: from then on no peer that disconnects
+    is taken for lost. Nothing with one process.
+    """
+    if self._count == 1:
+      return
+    with self.during(WAITING):
+      multihost_utils.sync_global_devices("end of run")
+    self.phase = DONE
+    _, error = self._within(SERVICE_TIMEOUT_SECONDS, self._publish)
+    if error is not None:
+      self._exit(f"Process 0 of {self._count} (the coordination service) lost at the end of the run", error,
+                 service_gone=True)
 
   @staticmethod
   def _within(seconds: float, fn):
@@ -185,8 +223,11 @@ class PeerWatch:
     """{process: (its step, seconds without progress)} of the hung processes, from every process's "step phase".
 
     Hung: no process has moved for the timeout of the phase of a process at the earliest step, which is one; of
-    those, the ones not WAITING for the device if there are any (a waiting one waits for them).
+    those, the ones not WAITING for the device if there are any (a waiting one waits for them). None once a
+    process is DONE (the run is over).
     """
+    if self._run_is_over(progress):
+      return {}
     steps = {}
     for i in range(self._count):
       step, _, phase = progress.get(i, "0 setup").partition(" ")
@@ -218,9 +259,7 @@ class PeerWatch:
       if f"{KEYS}stop" in keys:  # another process stopped the run: the same verdict here.
         verdict = json.loads(keys[f"{KEYS}stop"])
         self._exit(verdict["what"], gone=verdict["gone"])
-      progress = {int(key.rpartition("_")[2]): value for key, value in keys.items()
-                  if key.startswith(f"{KEYS}progress_")}
-      if hung := self.hung(progress, time.monotonic()):
+      if hung := self.hung(progress_of(keys), time.monotonic()):
         step, seconds = max(hung.values(), key=lambda v: v[1])
         self._exit(f"Process {self._ids(hung)} of {self._count} hung at step {step} (no progress for {seconds:.0f} "
                    f"s; config.peer_timeout_seconds={self._timeouts[0]:g}, peer_timeout_long_seconds="
@@ -279,10 +318,16 @@ class PeerWatch:
       time.sleep(0.2)
 
 
+def progress_of(keys: Mapping[str, str]) -> Dict[int, str]:
+  """{process: its published "step phase"} from the peer watch's keys in the coordination service (KEYS)."""
+  return {int(key.rpartition("_")[2]): value for key, value in keys.items() if key.startswith(f"{KEYS}progress_")}
+
+
 def hang_fault(spec: str, step: int) -> None:
   """Test hook config.debug_hang: "PROCESS:STEP" hangs that process's loop at the start of step STEP for good,
-  every thread of it (heartbeats, the peer watch) still running, as a hung filesystem or a deadlock would. ""
-  (the default) does nothing."""
+  every thread of it (heartbeats, the peer watch) still running, as a hung filesystem or a deadlock would; STEP
+  = config.total_steps + 1 hangs it after the final evaluation, before the processes' last meeting. "" (the
+  default) does nothing."""
   if not spec:
     return
   process, _, at = spec.partition(":")
@@ -335,14 +380,14 @@ def initialize_distributed() -> None:
 
 
 def shutdown_distributed() -> None:
-  """Ends jax.distributed in order: every process meets, the others disconnect, then process 0 stops the service.
+  """Ends jax.distributed in order, after train_and_evaluate's last meeting (PeerWatch.end_of_run): the others
+  disconnect, then process 0 stops the service.
 
   With recoverability on, process 0 would otherwise stop the coordination service under a peer that is still
   disconnecting, and that peer would abort with a native trace.
   """
   if jax.process_count() == 1:
     return
-  multihost_utils.sync_global_devices("end of run")
   if jax.process_index() == 0:
     from jax._src import distributed  # noqa: PLC0415  (the client is not public API)
     deadline = time.time() + 60
@@ -493,7 +538,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   Raises Preempted after saving a checkpoint at the current step when SIGTERM/SIGINT (or, multi-host, a
   preemption notice) arrives, and FloatingPointError after config.max_skipped_steps consecutive non-finite steps.
+  In a multi-process run, the PeerWatch covers everything from the set-up to the processes' last meeting
+  (PeerWatch.end_of_run): a process lost or hung at any point stops the others with EXIT_PEER_LOST.
   """
+  watch = PeerWatch(workdir_lib.checkpoint_dir(workdir), config.peer_timeout_seconds,
+                    config.peer_timeout_long_seconds)
+  try:
+    with watch:
+      try:
+        results = _train_and_evaluate(config, workdir, watch)
+      except Preempted:
+        watch.end_of_run()
+        raise
+      hang_fault(config.debug_hang, config.total_steps + 1)
+      watch.end_of_run()
+      return results
+  except jax.errors.JaxRuntimeError as e:
+    watch.collective_failed(e)  # exits if a peer is gone; otherwise the error is ours to raise.
+    raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, watch: "PeerWatch") -> Dict[str, float]:
+  """train_and_evaluate's work; keeps watch.step and watch.phase current."""
   # ------------------------------------------------------------------------------------------- set-up
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -601,9 +667,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   stop = {"signal": None}
   pending: List[Dict[str, jax.Array]] = []
   window_start = time.time()
-  watch = PeerWatch(ckpt_dir, config.peer_timeout_seconds, config.peer_timeout_long_seconds)
   try:
-    with stop_on_signals(stop), save_fault(config.debug_save_fault), watch:
+    with stop_on_signals(stop), save_fault(config.debug_save_fault):
       for step in range(first_step + 1, config.total_steps + 1):
         watch.step, watch.phase = step, "setup" if step == first_step + 1 else "train"
         hang_fault(config.debug_hang, step)
@@ -653,10 +718,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if evaluations.due(step) and step < config.total_steps:  # the last step's are the final evaluation.
           with watch.during("eval"):
             writer.write_scalars(step, evaluations.run(variables(state), step, final=False))
-    finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
-  except jax.errors.JaxRuntimeError as e:
-    watch.collective_failed(e)  # exits if a peer is gone; otherwise the error is ours to raise.
-    raise
+      with watch.during("save"):
+        finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
   finally:
     with contextlib.suppress(Exception):  # ... and, quietly, before any other: the first error is the one to see.
       manager.wait_until_finished()
@@ -665,12 +728,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer.flush()
 
   # ------------------------------------------------------------------------------------------- final evaluation
-  results = evaluations.run(variables(state), config.total_steps, final=True)
-  if results:
-    writer.write_scalars(config.total_steps, results)
-  writer.close()
-  if results and jax.process_index() == 0:
-    visualize.plot_training_curves(workdir_lib.metrics_path(workdir), os.path.join(workdir, "training_curves.png"))
+  with watch.during("eval"):  # the plot too: process 0 draws it while the others wait at the end of the run.
+    results = evaluations.run(variables(state), config.total_steps, final=True)
+    if results:
+      writer.write_scalars(config.total_steps, results)
+    writer.close()
+    if results and jax.process_index() == 0:
+      visualize.plot_training_curves(workdir_lib.metrics_path(workdir),
+                                     os.path.join(workdir, "training_curves.png"))
   return results
 
 

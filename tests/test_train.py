@@ -195,3 +195,35 @@ def test_peer_watch_takes_for_hung_the_processes_at_the_earliest_step_of_a_still
   watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=2)
   assert watch.hung({0: "4 sync", 1: "4 sync"}, now=0) == {}
   assert watch.hung({0: "4 sync", 1: "4 sync"}, now=11) == {0: (4, 11), 1: (4, 11)}  # both wait: both named.
+
+
+class FakeService:
+  """The two calls of the coordination service's client that PeerWatch.lost makes, over a set of live processes
+  and the peer watch's published progress ({process: "step phase"})."""
+
+  def __init__(self, live, progress):
+    self.live, self.progress = live, progress
+
+  def get_live_nodes(self, processes):
+    return [i for i in processes if i in self.live]
+
+  def key_value_dir_get(self, prefix):
+    return [(f"{prefix}progress_{i}", value) for i, value in self.progress.items()]
+
+
+def test_peer_watch_takes_no_peer_for_lost_or_hung_once_one_is_past_the_last_meeting(tmp_path):
+  """A process that published DONE has met every other at the end of the run: a peer gone or still since then
+  has finished, not failed. Before that, a peer the service no longer counts is lost."""
+  watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=2)
+  watch._client = FakeService(live={0}, progress={0: "16 sync", 1: "16 sync"})
+  assert watch.lost() == [1]
+  watch._client.progress[1] = f"16 {train.DONE}"
+  assert watch.lost() == []
+  watch._client.live = {0, 1}
+  assert watch.lost() == []
+  for now in (0, 1000):
+    assert watch.hung({0: "16 sync", 1: f"16 {train.DONE}"}, now=now) == {}
+  watch = train.PeerWatch(str(tmp_path), timeout_seconds=10, long_timeout_seconds=100, process_count=2)
+  for now in (0, 1000):  # the same still run one phase earlier: process 1, in the final evaluation, is hung.
+    hung = watch.hung({0: "16 sync", 1: "16 eval"}, now=now)
+  assert hung == {1: (16, 1000)}

@@ -1,5 +1,6 @@
 """The trainer as a program: config typos, SIGKILL mid-save, SIGTERM, and two processes over gloo on 127.0.0.1;
 the micro-batched step over two processes."""
+import contextlib
 import json
 import os
 import re
@@ -134,6 +135,14 @@ def read_log(workdir: str, name: str) -> str:
     return f.read()
 
 
+def logged_steps(workdir: str, log: str) -> list:
+  """The steps one run's console output `log` (in workdir) has reported so far: unlike metrics.jsonl, which every
+  run of the workdir appends to, only this run's."""
+  with contextlib.suppress(FileNotFoundError):
+    return [int(s) for s in re.findall(r"step (\d+)/\d+  loss", read_log(workdir, log))]
+  return []
+
+
 def stops_for_a_peer(proc, workdir: str, log: str, since: float, what: str) -> float:
   """`proc` exits with EXIT_PEER_LOST within 30 s of `since`, its console ending with one line: `what` (a pattern:
   which process was lost or hung, at which step), then this process's stop and the latest complete checkpoint.
@@ -173,8 +182,10 @@ def test_two_processes_preempted_then_peer_lost_stopped_hung_resume_exactly(synt
   ckpts = os.path.join(workdir, "checkpoints")
   for run, fault, past in (("killed", signal.SIGKILL, 4), ("stopped", signal.SIGSTOP, 8)):
     procs = start_two_processes(processes, config, workdir, run)
-    # This run's steps (the earlier runs logged fewer), past the complete checkpoint of step `past`.
-    wait_for(lambda: max(common.losses(workdir)) > past and train.latest_complete_step(ckpts) >= past, procs[0])
+    # This run's own steps, past the complete checkpoint of step `past`. (The steps in metrics.jsonl will not do:
+    # the previous run may have logged past `past` itself, and the fault would then land in this one's set-up.)
+    wait_for(lambda: max(logged_steps(workdir, f"{run}_0.txt"), default=0) > past
+             and train.latest_complete_step(ckpts) >= past, procs[0])
     procs[1].send_signal(fault)
     seconds[run] = stops_for_a_peer(procs[0], workdir, f"{run}_0.txt", time.time(), "Process 1 of 2 (lost|hung)")
     procs[1].kill()
@@ -182,7 +193,8 @@ def test_two_processes_preempted_then_peer_lost_stopped_hung_resume_exactly(synt
 
   hang = common.train_config(synthetic_dir, total_steps=16, ckpt_steps=4, peer_timeout_seconds=15, debug_hang="1:14")
   procs = start_two_processes(processes, hang, workdir, "hung")
-  wait_for(lambda: max(common.losses(workdir), default=0) >= 13, procs[0])  # process 1 hangs as it starts step 14.
+  # Process 1 hangs as it starts step 14.
+  wait_for(lambda: max(logged_steps(workdir, "hung_0.txt"), default=0) >= 13, procs[0])
   since = time.time()
   seconds["hung"] = stops_for_a_peer(procs[0], workdir, "hung_0.txt", since, "Process 1 of 2 hung")
   stops_for_a_peer(procs[1], workdir, "hung_1.txt", since, "Process 1 of 2 hung")  # the same verdict, first.
@@ -194,6 +206,26 @@ def test_two_processes_preempted_then_peer_lost_stopped_hung_resume_exactly(synt
   print("peer lost/stopped/hung to exit: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) +
         f"; max |loss - uninterrupted|: {max(abs(got[s] - want[s]) for s in want):.2e}")
   np.testing.assert_allclose([got[s] for s in range(1, 17)], [want[s] for s in range(1, 17)], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_a_peer_hung_at_the_end_of_the_run_stops_both(synthetic_dir, tmp_path, processes):
+  """Process 1 hangs after its last step and save (config.debug_hang at total_steps + 1) while process 0 waits
+  for it at the processes' last meeting: both stop within 30 s with one message. The relaunch finds the run
+  complete, and both exit 0."""
+  config = common.train_config(synthetic_dir, total_steps=3, ckpt_steps=3, peer_timeout_seconds=15, debug_hang="1:4")
+  workdir = str(tmp_path / "run")
+  procs = start_two_processes(processes, config, workdir, "hung")
+  ckpts = os.path.join(workdir, "checkpoints")
+  # The last save is complete: process 1 then hangs, and the timeout runs from there.
+  wait_for(lambda: train.latest_complete_step(ckpts) == 3, procs[0])
+  since = time.time()
+  stops_for_a_peer(procs[0], workdir, "hung_0.txt", since, "Process 1 of 2 hung")
+  stops_for_a_peer(procs[1], workdir, "hung_1.txt", since, "Process 1 of 2 hung")
+  assert train.latest_complete_step(ckpts) == 3
+  config = common.train_config(synthetic_dir, total_steps=3, ckpt_steps=3, peer_timeout_seconds=15)
+  assert [p.wait(timeout=900) for p in start_two_processes(processes, config, workdir, "resumed")] == [0, 0]
+  assert logged_steps(workdir, "resumed_0.txt") == []  # resumed at step 3: nothing left to train.
 
 
 @pytest.mark.slow
