@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   # evaluations and the periodic hooks (profile) may take peer_timeout_long_seconds.
   c.peer_timeout_seconds = 20
   c.peer_timeout_long_seconds = 1800
-  c.debug_hang = ""  # test hook: "PROCESS:STEP" hangs that process's loop at STEP, its threads still running.
+  c.debug_hang = ""  # test hook: "PROCESS:STEP" hangs that process at STEP (total_steps + 1: after the final
+  # evaluation), its threads still running.
   c.debug_save_fault = ""  # test hook: "kill:STEP" SIGKILLs the run mid-save of STEP, "enospc:STEP" fails it.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices.
 
