@@ -70,14 +70,18 @@ def base_config() -> ml_collections.ConfigDict:
   # its image (losses.noun_segment_loss). w_segment_nouns (not in the paper; 0 = off, needs model.multi_label):
   # each image's segments nearer its own nouns than the batch's other nouns (losses.segment_noun_loss).
   # w_segment_naming (not in the paper; 0 = off, needs model.multi_label): the best segment for each caption noun
-  # named by it over the batch's other nouns (losses.segment_naming_loss).
+  # named by it over the batch's other nouns (losses.segment_naming_loss). w_prompt_uniformity (not in the paper;
+  # 0 = off, needs model.multi_label): spreads the batch's distinct noun prompts apart (losses.prompt_uniformity).
   c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0, seg_negatives="group",
                                           seg_targets="caption", w_noun_seg=0.0, w_segment_nouns=0.0,
-                                          w_segment_naming=0.0))
+                                          w_segment_naming=0.0, w_prompt_uniformity=0.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.6e-3, base_batch_size=4096,  # lr = base_lr * batch_size / base_batch_size (GroupViT).
-      min_lr=4e-5, warmup_steps=1000, weight_decay=0.05, clip_norm=5.0, b1=0.9, b2=0.999, eps=1e-8))
+      min_lr=4e-5, warmup_steps=1000, weight_decay=0.05, clip_norm=5.0, b1=0.9, b2=0.999, eps=1e-8,
+      # Not in the paper or GroupViT (0 = off): evaluations and exports use an exponential moving average of the
+      # parameters with this decay (train_step.ema_decay_at ramps it up over the first steps).
+      ema_decay=0.0))
 
   # Zero-shot evaluations by name, each an eval config (configs/eval/*.py) with its period: logged as
   # eval/<name>/..., outputs in WORKDIR/eval/<name>/. An evaluation is on when it has data (data.root or synthetic).

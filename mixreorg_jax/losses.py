@@ -4,7 +4,7 @@ Under `jax.jit` with the batch sharded over the mesh, every [B, B] logit matrix 
 XLA inserts the all-gathers, so the contrastive loss is exactly the one of a single device holding the whole batch
 (GroupViT#28/#42: a real global batch matters).
 """
-from typing import Dict, Tuple
+from typing import Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -165,11 +165,43 @@ def group_information_per_image(soft: jax.Array) -> jax.Array:
   return entropy(soft.mean(axis=1)) - entropy(soft).mean(axis=1)
 
 
-def total_loss(terms: Dict[str, jax.Array], w_rest: float, w_seg: float, w_group_info: float = 0.0,
-               w_noun_seg: float = 0.0, w_segment_nouns: float = 0.0, w_segment_naming: float = 0.0) -> jax.Array:
+def prompt_uniformity(noun_emb: jax.Array, noun_tokens: jax.Array, temperature: float = 2.0) -> jax.Array:
+  """Not in the paper: how crowded the batch's prompts are (Wang & Isola 2020's uniformity).
+
+  noun_emb: [B, M, D] normalised prompts; noun_tokens: int [B, M, L] their token ids. Over the pairs (u, v) of the
+  batch's B*M prompts that are different prompts (copies of one prompt are not a pair), log mean exp(-t |n_u -
+  n_v|^2) with t = temperature: -2t when they are orthogonal on average, 0 when they coincide. A class named in
+  many captions enters as often as it is named, so the term is dominated by the frequent concepts' prompts, not by
+  the captions that fill unused slots. Minimising it spreads the prompts over the sphere, against the crowding
+  of class prompts (cosine 0.9 between two classes) that makes zero-shot segmentation's softmax over them too
+  flat to clear the background threshold. -> scalar (0 when all prompts are one).
+  """
+  b, m, d = noun_emb.shape
+  prompts = noun_emb.reshape(b * m, d)
+  flat = noun_tokens.reshape(b * m, -1)
+  pairs = ~jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1)  # [B*M, B*M]: different prompts
+  squared_distance = 2.0 - 2.0 * prompts @ prompts.T
+  count = pairs.sum()
+  log_mean = (jax.nn.logsumexp(jnp.where(pairs, -temperature * squared_distance, -jnp.inf))
+              - jnp.log(jnp.maximum(count, 1).astype(prompts.dtype)))
+  return jnp.where(count > 0, log_mean, 0.0)
+
+
+# Each weight of config.loss, the term of `mixreorg.heads` it multiplies and its sign: L = L_orig + the sum of
+# sign * weight * term (I_group is a reward). The terms of the paper first, then ours.
+WEIGHTED_TERMS = {"w_rest": ("loss_rest", 1.0), "w_seg": ("loss_seg", 1.0), "w_group_info": ("group_info", -1.0),
+                  "w_noun_seg": ("loss_noun_seg", 1.0), "w_segment_nouns": ("loss_segment_nouns", 1.0),
+                  "w_segment_naming": ("loss_segment_naming", 1.0),
+                  "w_prompt_uniformity": ("loss_prompt_uniformity", 1.0)}
+
+
+def total_loss(terms: Dict[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
   """L = L_orig + w_rest * L_rest + w_seg * L_seg - w_group_info * I_group + w_noun_seg * L_noun_seg
-  + w_segment_nouns * L_segment_nouns + w_segment_naming * L_segment_naming (missing terms count as 0)."""
-  return (terms["loss_orig"] + w_rest * terms.get("loss_rest", 0.0) + w_seg * terms.get("loss_seg", 0.0)
-          - w_group_info * terms.get("group_info", 0.0) + w_noun_seg * terms.get("loss_noun_seg", 0.0)
-          + w_segment_nouns * terms.get("loss_segment_nouns", 0.0)
-          + w_segment_naming * terms.get("loss_segment_naming", 0.0))
+  + w_segment_nouns * L_segment_nouns + w_segment_naming * L_segment_naming
+  + w_prompt_uniformity * L_prompt_uniformity. weights: config.loss (a weight it lacks is 0); a term missing
+  from `terms` counts as 0."""
+  loss = terms["loss_orig"]
+  for weight, (term, sign) in WEIGHTED_TERMS.items():
+    if weights.get(weight, 0.0) and term in terms:
+      loss = loss + sign * weights[weight] * terms[term]
+  return loss

@@ -121,6 +121,8 @@ def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, 
     if config.loss.w_segment_naming:
       out["loss_segment_naming"] = losses.segment_naming_loss(segment_emb, noun_emb, labels["noun_tokens"],
                                                               ml_scale)
+    if config.loss.w_prompt_uniformity:
+      out["loss_prompt_uniformity"] = losses.prompt_uniformity(noun_emb, labels["noun_tokens"])
   if config.model.mixreorg:
     restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
     out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)
@@ -133,8 +135,7 @@ def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, 
   # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
   info = features["group_info"]
   out["group_info"] = sum(i.mean() for i in info) / max(len(info), 1)
-  out["loss"] = losses.total_loss(out, config.loss.w_rest, config.loss.w_seg, config.loss.w_group_info,
-                                  config.loss.w_noun_seg, config.loss.w_segment_nouns, config.loss.w_segment_naming)
+  out["loss"] = losses.total_loss(out, config.loss)
   return out
 
 

@@ -420,10 +420,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      f"config.model.text.context_length={config.model.text.context_length}.")
   if config.model.multi_label and not config.input.num_nouns:
     raise ValueError("config.model.multi_label=True needs config.input.num_nouns > 0.")
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ValueError(f"config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1) (0 = no moving average).")
   if config.loss.seg_targets not in losses.SEG_TARGETS:
     raise ValueError(f"config.loss.seg_targets={config.loss.seg_targets!r}: expected one of {losses.SEG_TARGETS}.")
   uses_nouns = {"w_noun_seg": bool(config.loss.w_noun_seg), "w_segment_nouns": bool(config.loss.w_segment_nouns),
                 "w_segment_naming": bool(config.loss.w_segment_naming),
+                "w_prompt_uniformity": bool(config.loss.w_prompt_uniformity),
                 "seg_targets='nouns'": config.loss.seg_targets == "nouns"}
   for key, used in uses_nouns.items():
     if used and not config.model.multi_label:
@@ -740,8 +743,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, watch: 
 
 
 def variables(state) -> Dict[str, Any]:
-  """The {"params", "batch_stats"} of a TrainState, as the evaluations take them."""
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  """The {"params", "batch_stats"} of a TrainState, as the evaluations take them: the parameters' moving average
+  when the run keeps one (config.optim.ema_decay > 0)."""
+  params = state.params if state.ema_params is None else state.ema_params
+  return {"params": params, "batch_stats": state.batch_stats}
 
 
 def config_summary(config: ml_collections.ConfigDict) -> str:

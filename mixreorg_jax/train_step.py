@@ -1,7 +1,8 @@
 """Train state and the jitted, sharded MixReorg / GroupViT train step.
 
 One step: split the rng, run the MixReorg forward (mixreorg.forward), differentiate the total loss, apply AdamW,
-and skip the update if the loss or any gradient is non-finite (GroupViT#43). The step is one `jax.jit` with
+update the parameters' moving average (config.optim.ema_decay > 0), and skip the update if the loss or any
+gradient is non-finite (GroupViT#43). The step is one `jax.jit` with
 NamedSharding in/out shardings; the state is donated. With config.input.micro_batch_size the same gradient is
 computed a micro-batch at a time (gradient caching, `micro_batched_grads`), for batches the devices cannot hold.
 """
@@ -32,6 +33,9 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array  # base key; step s uses fold_in(rng, s).
   consecutive_skips: jax.Array  # int32: non-finite steps in a row.
   skipped_steps: jax.Array  # int32: all non-finite steps so far.
+  # The exponential moving average of `params` that evaluations and exports use (config.optim.ema_decay > 0);
+  # None when off.
+  ema_params: Any = None
 
 
 def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, jax.Array]:
@@ -59,8 +63,30 @@ def init_state(config, model: groupvit.GroupViT, tx: optax.GradientTransformatio
   variables = init_variables(config, model, rng)
   params = variables["params"]
   zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  distinct buffers, as the state is donated.
+  ema_params = jax.tree.map(jnp.copy, params) if ema_decay(config) else None
   return TrainState(step=zero(), params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params),
-                    rng=jax.random.key_data(state_rng), consecutive_skips=zero(), skipped_steps=zero())
+                    rng=jax.random.key_data(state_rng), consecutive_skips=zero(), skipped_steps=zero(),
+                    ema_params=ema_params)
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+  """config.optim.ema_decay; 0 (no moving average) for configs written before the key existed."""
+  return config.optim.get("ema_decay", 0.0)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """The averaging weight of the update that `step` (0-based) makes: min(decay, (1 + step) / (10 + step)).
+
+  The ramp is TensorFlow's ExponentialMovingAverage with num_updates: early on, when the average still holds the
+  initial parameters, it follows the trained ones closely.
+  """
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def updated_ema(ema_params, params, decay: jax.Array):
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf (float32)."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
 def step_rngs(base_rng: jax.Array, step: jax.Array) -> Dict[str, jax.Array]:
@@ -159,15 +185,19 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: groupvi
 
   def apply_update(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), batch_stats, opt_state
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_decay(config):
+      ema_params = updated_ema(ema_params, params, ema_decay_at(ema_decay(config), state.step))
+    return params, batch_stats, opt_state, ema_params
 
   def skip_update(_):
-    return state.params, state.batch_stats, state.opt_state
+    return state.params, state.batch_stats, state.opt_state, state.ema_params
 
-  params, batch_stats, opt_state = jax.lax.cond(finite, apply_update, skip_update, None)
+  params, batch_stats, opt_state, ema_params = jax.lax.cond(finite, apply_update, skip_update, None)
   skipped = (~finite).astype(jnp.int32)
   new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params,
       consecutive_skips=(state.consecutive_skips + 1) * skipped,
       skipped_steps=state.skipped_steps + skipped)
   metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step), skipped=skipped,

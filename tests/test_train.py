@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -29,9 +30,10 @@ def all_finite(tree):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigterm(synthetic_dir, tmp_path, monkeypatch):
-  """Steps n+1..2n of a run stopped by SIGTERM at n and restarted equal those of an uninterrupted run."""
+  """Steps n+1..2n of a run stopped by SIGTERM at n and restarted equal those of an uninterrupted run, and so does
+  the parameters' moving average that the export takes."""
   n = 3
-  config = common.train_config(synthetic_dir, total_steps=2 * n)
+  config = common.train_config(synthetic_dir, total_steps=2 * n, **{"optim.ema_decay": 0.5})
   train.train_and_evaluate(config, str(tmp_path / "straight"))
 
   write_scalars = train.JsonlWriter.write_scalars
@@ -55,6 +57,12 @@ def test_exact_resume_after_sigterm(synthetic_dir, tmp_path, monkeypatch):
   assert sorted(again) == list(range(1, 2 * n + 1))
   np.testing.assert_allclose([again[s] for s in range(n + 1, 2 * n + 1)],
                              [straight[s] for s in range(n + 1, 2 * n + 1)], rtol=0, atol=1e-6)
+  straight_ema, _ = export.restore_variables(str(tmp_path / "straight"), config)
+  resumed_ema, _ = export.restore_variables(resumed, config)
+  raw, _ = export.restore_variables(resumed, config, raw_params=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed_ema, straight_ema)
+  assert max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(resumed_ema["params"]),
+                                                 jax.tree.leaves(raw["params"]))) > 1e-5
 
 
 @pytest.mark.slow
@@ -164,6 +172,7 @@ def test_two_evaluations_log_their_curves_and_their_protocols(synthetic_dir, tmp
     ({"loss.seg_targets": "words"}, "config.loss.seg_targets='words'"),
     ({"loss.seg_targets": "nouns"}, "config.loss.seg_targets='nouns' needs the noun prompts"),
     ({"loss.w_segment_naming": 1.0}, "config.loss.w_segment_naming needs the noun prompts"),
+    ({"optim.ema_decay": 1.0}, r"config.optim.ema_decay=1.0 must be in \[0, 1\)"),
 ])
 def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -53,7 +53,8 @@ def _assert_same_steps(reference, runs, large_gradient_rtol=None):
              for name, (config, data, fsdp) in runs.items()}
   assert np.isfinite(ref_metrics["loss"]) and ref_metrics["grad_norm"] > 0
   keys = [k for k in ("loss", "loss_orig", "loss_rest", "loss_seg", "loss_multi_label", "loss_noun_seg",
-                      "loss_segment_nouns", "grad_norm", "group_info", "seg_acc") if k in ref_metrics]
+                      "loss_segment_nouns", "loss_segment_naming", "loss_prompt_uniformity", "grad_norm", "group_info",
+                      "seg_acc") if k in ref_metrics]
   # Adam turns float noise on gradients that are 0 in theory (biases before a LayerNorm) into +-lr steps, so
   # updates are compared where the gradient is well above that noise. There they are about lr = 2e-3, 200x the
   # tolerance, so a missing, halved or sign-flipped update fails.
@@ -96,11 +97,12 @@ def test_multi_label_and_noun_segment_step_is_the_same_on_every_mesh():
   config = helpers.tiny_config(**MESH_CONFIG, **{"model.multi_label": True, "input.num_nouns": 3,
                                                   "loss.w_noun_seg": 1.0, "loss.w_segment_nouns": 1.0,
                                                   "loss.w_segment_naming": 1.0, "loss.seg_negatives": "batch",
-                                                  "loss.seg_targets": "nouns"})
+                                                  "loss.seg_targets": "nouns", "loss.w_prompt_uniformity": 1.0})
   metrics = _assert_same_step_on_meshes(config, meshes=((4, 2),))
   assert metrics["loss_multi_label"] > 0.5 * np.log(config.input.batch_size)
   assert metrics["loss_noun_seg"] > 0.1 and metrics["loss_segment_nouns"] > 0.1
   assert metrics["loss_segment_naming"] > 0.1
+  assert -4.0 < metrics["loss_prompt_uniformity"] < -0.01  # in (-2t, 0): distinct prompts, neither equal nor opposite
   assert metrics["multi_label_logit_scale"] == pytest.approx(np.exp(config.model.logit_scale_init), rel=1e-5)
 
 
@@ -206,6 +208,36 @@ def test_group_size_not_dividing_device_batch_fails_before_compiling():
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 8, "fsdp": 1}))
   with pytest.raises(ValueError, match="config.mix.group_size=3"):
     train_step.check_batch(config, mesh)
+
+
+def test_parameter_average_is_the_written_out_average_of_the_trained_parameters():
+  """With optim.ema_decay=d the state's ema_params after steps 0..2 is e_t = a_t e_{t-1} + (1 - a_t) p_t from
+  e_-1 = the initial parameters, a_t = min(d, (1 + t) / (10 + t)) (0.1, 0.18, then d = 0.2), in numpy from the
+  parameters after each step; the trained parameters are those of the same steps without an average."""
+  def three_steps(decay):
+    config = helpers.tiny_config(**{"optim.ema_decay": decay, "optim.warmup_steps": 1, "optim.base_lr": 1e-2})
+    model, tx, schedule, state = _setup(config)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}), jax.devices()[:1])
+    step = train_step.jit_train_step(config, model, tx, schedule, mesh, sharding.state_shardings(mesh, state))
+    batch = helpers.random_batch(config)
+    trajectory = [jax.device_get(state.params)]
+    for _ in range(3):
+      state, _ = step(state, batch)
+      trajectory.append(jax.device_get(state.params))
+    return trajectory, jax.device_get(state.ema_params)
+
+  trajectory, ema = three_steps(0.2)
+  plain, no_ema = three_steps(0.0)
+  assert no_ema is None
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), trajectory[-1], plain[-1])
+  expected = trajectory[0]
+  for weight, params in zip((0.1, 2 / 11, 0.2), trajectory[1:]):
+    expected = jax.tree.map(lambda e, p, w=weight: w * e + (1 - w) * p, expected, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ema, expected)
+  # The average trails the last parameters by a fifth of the last update (lr 5e-3), so a missing or misweighted
+  # average fails the tolerance above.
+  gap = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(trajectory[-1])))
+  assert gap > 1e-4
 
 
 @pytest.mark.slow
@@ -377,3 +409,31 @@ def test_segment_naming_loss_names_each_nouns_best_segment_over_the_distinct_pro
   np.testing.assert_allclose(ours, np.mean(losses_), rtol=1e-5)
   # It differs from the segment-noun loss, which takes the best segment per *candidate* prompt.
   assert abs(float(ours) - float(losses.segment_noun_loss(*args))) > 0.05
+
+
+def test_prompt_uniformity_matches_a_written_out_computation_over_pairs_of_different_prompts():
+  b, m = 3, 2
+  _, nouns, tokens = _segments_and_prompts(4, b, 1, m)
+  tokens[2, 0] = tokens[0, 1]  # one prompt twice: the two copies are not a pair
+  nouns[2, 0] = nouns[0, 1]
+  rows = list(np.ndindex(b, m))
+  different = lambda u, v: not (tokens[u] == tokens[v]).all()  # noqa: E731
+  terms = [np.exp(-2.0 * np.sum((nouns[u] - nouns[v]) ** 2)) for u in rows for v in rows if different(u, v)]
+  assert len(terms) == 6 * 5 - 2
+  ours = losses.prompt_uniformity(jnp.asarray(nouns), jnp.asarray(tokens))
+  np.testing.assert_allclose(ours, np.log(np.mean(terms)), rtol=1e-5)
+  # Taking the copies for a pair (distance 0, exp 1) would raise it by far more than the tolerance.
+  with_copies = terms + [1.0, 1.0]
+  assert np.log(np.mean(with_copies)) - float(ours) > 0.05
+  same = np.broadcast_to(tokens[:1, :1], tokens.shape)  # a single prompt: no pairs, 0.
+  assert float(losses.prompt_uniformity(jnp.asarray(nouns), jnp.asarray(same))) == 0.0
+
+
+def test_total_loss_adds_each_weighted_term_with_its_sign():
+  terms = {"loss_orig": 1.0, "loss_rest": 2.0, "loss_seg": 3.0, "group_info": 5.0, "loss_noun_seg": 7.0,
+           "loss_segment_nouns": 11.0, "loss_segment_naming": 13.0, "loss_prompt_uniformity": -17.0}
+  weights = {"w_rest": 1.0, "w_seg": 0.5, "w_group_info": 0.1, "w_noun_seg": 2.0, "w_segment_nouns": 3.0,
+             "w_segment_naming": 0.0, "w_prompt_uniformity": 0.25}
+  expected = 1.0 + 2.0 + 1.5 - 0.5 + 14.0 + 33.0 + 0.0 - 4.25
+  np.testing.assert_allclose(losses.total_loss(terms, weights), expected, rtol=1e-6)
+  assert float(losses.total_loss({"loss_orig": 1.0}, weights)) == 1.0  # missing terms count as 0.

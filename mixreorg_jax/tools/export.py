@@ -5,8 +5,9 @@ r"""Exports a training checkpoint as a params-only inference checkpoint that `in
 
 The train config comes from the workdir's config.json (written by train.py) unless --config is given. Only the
 parameters and BatchNorm statistics of the latest (or --step) checkpoint are read, as host numpy arrays, so the
-export needs neither the optimizer state nor the training mesh. The tokenizer block of the inference checkpoint
-comes from config.input.
+export needs neither the optimizer state nor the training mesh. A run that keeps a moving average of its
+parameters (config.optim.ema_decay > 0) exports that average, as its evaluations score it; --raw_params exports
+the trained parameters instead. The tokenizer block of the inference checkpoint comes from config.input.
 """
 from mixreorg_jax import console
 if __name__ == "__main__":
@@ -40,6 +41,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/ and config.json).")
   flags.DEFINE_string("output", None, "Directory of the inference checkpoint to write (must not exist yet).")
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_bool("raw_params", False, "Export the trained parameters, not their moving average (for runs with "
+                    "config.optim.ema_decay > 0).")
   flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -52,9 +55,13 @@ def load_train_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(checkpoint_io.lists_to_tuples(json.load(f)))
 
 
-def restore_variables(workdir: str, config: ml_collections.ConfigDict,
-                      step: Optional[int] = None) -> Tuple[Dict[str, Any], int]:
-  """-> ({"params", "batch_stats"} as numpy arrays, step) from the workdir's latest (or `step`) checkpoint."""
+def restore_variables(workdir: str, config: ml_collections.ConfigDict, step: Optional[int] = None,
+                      raw_params: bool = False) -> Tuple[Dict[str, Any], int]:
+  """-> ({"params", "batch_stats"} as numpy arrays, step) from the workdir's latest (or `step`) checkpoint.
+
+  "params" is the parameters' moving average when the run kept one (config.optim.ema_decay > 0), unless
+  raw_params.
+  """
   ckpt_dir = workdir_lib.checkpoint_dir(workdir)
   with ocp.CheckpointManager(ckpt_dir) as manager:
     steps = manager.all_steps()
@@ -66,20 +73,24 @@ def restore_variables(workdir: str, config: ml_collections.ConfigDict,
   model = groupvit.GroupViT.from_config(config.model)
   tx, _ = optim.make_optimizer(config.optim, config.input.batch_size, config.total_steps)
   abstract = train_step.abstract_state(config, model, tx)
-  target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+  params_key = "ema_params" if train_step.ema_decay(config) and not raw_params else "params"
+  target = {params_key: abstract.params, "batch_stats": abstract.batch_stats}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   with ocp.PyTreeCheckpointer() as checkpointer:  # the "state" item of the trainer's Composite checkpoint.
     variables = checkpointer.restore(
         os.path.join(ckpt_dir, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, step
+  return {"params": variables[params_key], "batch_stats": variables["batch_stats"]}, step
 
 
 def export(workdir: str, output: str, step: Optional[int] = None,
-           config: Optional[ml_collections.ConfigDict] = None) -> str:
-  """Writes the inference checkpoint of `workdir`'s checkpoint into `output`; returns its absolute path."""
+           config: Optional[ml_collections.ConfigDict] = None, raw_params: bool = False) -> str:
+  """Writes the inference checkpoint of `workdir`'s checkpoint into `output`; returns its absolute path.
+
+  raw_params: the trained parameters rather than their moving average (see `restore_variables`).
+  """
   config = config if config is not None else load_train_config(workdir)
-  variables, step = restore_variables(workdir, config, step)
+  variables, step = restore_variables(workdir, config, step, raw_params)
   tokenizer = checkpoint_io.tokenizer_info(config.input.tokenizer, config.input.tokenizer_path,
                                            config.input.context_length)
   out = checkpoint_io.save_inference_checkpoint(output, variables, config.model, tokenizer=tokenizer,
@@ -92,7 +103,7 @@ def main(argv):
   console.to_log_file(console.tool_log_path("export"))
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  export(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.config)
+  export(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.config, FLAGS.raw_params)
 
 
 if __name__ == "__main__":
