@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   # each image's segments nearer its own nouns than the batch's other nouns (losses.segment_noun_loss).
   # w_segment_naming (not in the paper; 0 = off, needs model.multi_label): the best segment for each caption noun
   # named by it over the batch's other nouns (losses.segment_naming_loss). w_prompt_uniformity (not in the paper;
-  # 0 = off, needs model.multi_label): spreads the batch's distinct noun prompts apart (losses.prompt_uniformity).
+  # 0 = off, needs model.multi_label): spreads the batch's different noun prompts apart (losses.prompt_uniformity).
   c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0, seg_negatives="group",
                                           seg_targets="caption", w_noun_seg=0.0, w_segment_nouns=0.0,
                                           w_segment_naming=0.0, w_prompt_uniformity=0.0))

@@ -50,8 +50,7 @@ def noun_segment_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens: 
   b, m, _ = noun_emb.shape
   affinity = jnp.einsum("jgd,imd->imjg", segment_emb, noun_emb).max(axis=-1)  # [B, M, B]
   logits = scale * affinity
-  flat = noun_tokens.reshape(b * m, -1)
-  same = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).reshape(b, m, b, m).any(axis=-1)  # [B, M, B]
+  same = same_prompt(noun_tokens).reshape(b, m, b, m).any(axis=-1)  # [B, M, B]
   positive = jnp.where(same, logits, -jnp.inf)
   return (jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(positive, axis=-1)).mean()
 
@@ -102,9 +101,15 @@ def segment_naming_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens
 def _logsumexp_over_distinct_prompts(logits: jax.Array, noun_tokens: jax.Array) -> jax.Array:
   """logits: [..., B*M] over the batch's prompts; noun_tokens: int [B, M, L] -> [...]: the log-sum-exp in which a
   prompt that occurs c times in the batch enters once (each copy weighted 1/c)."""
-  flat = noun_tokens.reshape(-1, noun_tokens.shape[-1])
-  copies = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1).sum(axis=-1)  # [B*M]
+  copies = same_prompt(noun_tokens).sum(axis=-1)  # [B*M]
   return jax.nn.logsumexp(logits - jnp.log(copies.astype(logits.dtype)), axis=-1)
+
+
+def same_prompt(noun_tokens: jax.Array) -> jax.Array:
+  """noun_tokens: int [B, M, L] -> bool [B*M, B*M]: whether two of the batch's prompts (flattened image-major)
+  have the same token ids."""
+  flat = noun_tokens.reshape(-1, noun_tokens.shape[-1])
+  return jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1)
 
 
 SEG_NEGATIVES = ("group", "batch")
@@ -178,8 +183,7 @@ def prompt_uniformity(noun_emb: jax.Array, noun_tokens: jax.Array, temperature: 
   """
   b, m, d = noun_emb.shape
   prompts = noun_emb.reshape(b * m, d)
-  flat = noun_tokens.reshape(b * m, -1)
-  pairs = ~jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1)  # [B*M, B*M]: different prompts
+  pairs = ~same_prompt(noun_tokens)  # [B*M, B*M]: different prompts
   squared_distance = 2.0 - 2.0 * prompts @ prompts.T
   count = pairs.sum()
   log_mean = (jax.nn.logsumexp(jnp.where(pairs, -temperature * squared_distance, -jnp.inf))

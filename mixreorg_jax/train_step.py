@@ -186,9 +186,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: groupvi
   def apply_update(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_decay(config):
-      ema_params = updated_ema(ema_params, params, ema_decay_at(ema_decay(config), state.step))
+    ema_params, decay = state.ema_params, ema_decay(config)
+    if decay:
+      ema_params = updated_ema(ema_params, params, ema_decay_at(decay, state.step))
     return params, batch_stats, opt_state, ema_params
 
   def skip_update(_):
