@@ -63,8 +63,30 @@ def test_finished_runs_are_kept_in_the_results_file_and_not_run_again(tmp_path, 
   assert run_ablation.run("mixreorg", "1", str(run_dir), extra, results, again, "abc", True) == {"eval/mIoU": 41.5}
   assert trained[-1] == ("mixreorg", "1", True) and len(trained) == 5
   final = run_ablation.read_results(results)
-  assert final[run_ablation.run_key("mixreorg", "1", extra, "abc")]["metrics"] == {"eval/mIoU": 41.5}
-  assert final[run_ablation.run_key("mixreorg", "1", extra, "abc")]["seconds"] == records[0]["seconds"]
+  key = run_ablation.run_key("mixreorg", "1", extra, "abc", run_ablation.cpu_kind(run_ablation.host_description()))
+  assert final[key]["metrics"] == {"eval/mIoU": 41.5}
+  assert final[key]["seconds"] == records[0]["seconds"]
+
+
+def test_a_run_recorded_on_another_cpu_kind_is_trained_again_here(tmp_path, monkeypatch):
+  """Float rounding differs between CPU kinds, so a record from the other kind does not stand for this one's run;
+  --table_only picks a kind (or "any")."""
+  here = run_ablation.cpu_kind(run_ablation.host_description())
+  other = next(k for k in run_ablation.CPU_KINDS if k != here)
+  results = str(tmp_path / "runs.jsonl")
+  base = {"variant": "mixreorg", "seed": "0", "overrides": [], "config": "abc"}
+  with open(results, "w") as f:
+    f.write(json.dumps(dict(base, metrics={"eval/mIoU": 1.0}, host=f"Some CPU, 2 cores, {other}")) + "\n")
+    f.write(json.dumps(dict(base, metrics={"eval/mIoU": 2.0})) + "\n")  # from before records named their CPU
+  monkeypatch.setattr(run_ablation, "train_run", lambda *a, **k: {"eval/mIoU": 3.0})
+  known = run_ablation.read_results(results)
+  assert run_ablation.run("mixreorg", "0", str(tmp_path / "r"), [], results, known, "abc") == {"eval/mIoU": 3.0}
+  known = run_ablation.read_results(results)
+  find = lambda cpu: run_ablation.find_record(known, "mixreorg", "0", [], "abc", cpu)["metrics"]["eval/mIoU"]  # noqa: E731
+  assert (find(other), find(run_ablation.UNRECORDED), find(here), find("any")) == (1.0, 2.0, 3.0, 3.0)
+  assert run_ablation.find_record(known, "mixreorg", "1", [], "abc", "any") is None
+  assert run_ablation.cpu_kind("AMD EPYC, 2 cores, no AVX-512") == "no AVX-512"
+  assert run_ablation.cpu_kind("AMD EPYC, 2 cores, AVX-512") == "AVX-512"
 
 
 def test_config_fingerprint_follows_the_demo_config():

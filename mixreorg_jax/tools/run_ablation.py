@@ -8,10 +8,11 @@ and the held-out synthetic sets. Every finished run is appended to the results f
 seed, the extra overrides, the fingerprint of the variant's demo config, the final eval/* metrics, the commit and
 the time it took). That file is tracked in git, so the table can be rebuilt and an interrupted sweep resumed on
 another machine: a run already in it is not run again, and a run killed half-way resumes from its last
-checkpoint in the workdir. Extra `--config.*` arguments are passed to every run (e.g. `--config.total_steps=450`
+checkpoint in the workdir. Only runs recorded on this machine's CPU kind (AVX-512 or not: float rounding, hence a
+run, differs between them) count as done. Extra `--config.*` arguments are passed to every run (e.g. `--config.total_steps=450`
 for a quicker sweep) and are part of what identifies it, as is the config fingerprint: after an edit of
 configs/demo.py the earlier runs no longer count. `--table_only` rebuilds the table from the results file
-without training; `--reevaluate` runs the final evaluation of finished runs again from their workdirs (after a
+without training, from the runs of this machine's CPU kind or of `--cpu_kind`; `--reevaluate` runs the final evaluation of finished runs again from their workdirs (after a
 change of the evaluation, not of training) and appends their new metrics.
 
 The table reports mean ± standard deviation over seeds (population std) of the held-out mIoU, the tuning-split
@@ -31,7 +32,7 @@ import sys
 import time
 import hashlib
 import importlib.util
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -51,6 +52,8 @@ DESCRIPTIONS = {
     "k4": "MixReorg, `mix.group_size=4`",
 }
 DEFAULT_RESULTS = "docs/results/demo_runs.jsonl"
+CPU_KINDS = ("AVX-512", "no AVX-512")  # the last field of host_description()
+UNRECORDED = "unrecorded"  # the CPU kind of records from before they named it
 DEMO_CONFIG = "configs/demo.py"
 TUNING, HELD_OUT = "tuning", "heldout"  # the demo's evaluations (config.evals)
 # Keys added to the config after runs were recorded, at the value that trains as before (not fingerprinted then).
@@ -74,6 +77,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("table_only", False, "Only rebuild the table from --results; train nothing.")
   flags.DEFINE_bool("reevaluate", False, "Evaluate finished runs again from their workdirs (no training) and "
                     "append their new metrics to --results.")
+  flags.DEFINE_string("cpu_kind", "", "With --table_only, the runs of which CPU kind make the table: "
+                      f"{', '.join(repr(k) for k in CPU_KINDS)} or 'any' (the last record of each run, whatever "
+                      "its CPU). Default: this machine's kind, the only one a sweep counts as done.")
 
 
 def current_names(metrics: Dict[str, float]) -> Dict[str, float]:
@@ -138,13 +144,20 @@ def config_fingerprint(variant: str) -> str:
   return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_key(variant: str, seed: str, extra: Sequence[str], fingerprint: str) -> str:
-  """What identifies a run in the results file: variant, seed, the sorted extra overrides and the fingerprint of
-  the variant's demo config."""
-  return json.dumps([variant, str(seed), sorted(extra), fingerprint])
+def cpu_kind(host: str) -> str:
+  """The CPU kind of a record's `host` (host_description): one of CPU_KINDS, or UNRECORDED for the records
+  written before runs named their CPU."""
+  kind = host.rsplit(", ", 1)[-1] if host else ""
+  return kind if kind in CPU_KINDS else UNRECORDED
 
 
-def read_results(path: str) -> Dict[str, Dict]:
+def run_key(variant: str, seed: str, extra: Sequence[str], fingerprint: str, cpu: str) -> Tuple:
+  """What identifies a run in the results file: variant, seed, the sorted extra overrides, the fingerprint of
+  the variant's demo config and the CPU kind it trained on (a run does not reproduce on another kind)."""
+  return (variant, str(seed), tuple(sorted(extra)), fingerprint, cpu)
+
+
+def read_results(path: str) -> Dict[Tuple, Dict]:
   """run_key -> record of every finished run in the results file ({} if there is none)."""
   records = {}
   if os.path.exists(path):
@@ -152,9 +165,20 @@ def read_results(path: str) -> Dict[str, Dict]:
       for line in f:
         if line.strip():
           record = json.loads(line)
-          key = run_key(record["variant"], record["seed"], record["overrides"], record.get("config", ""))
+          key = run_key(record["variant"], record["seed"], record["overrides"], record.get("config", ""),
+                        cpu_kind(record.get("host", "")))
           records[key] = record  # a later line (a re-evaluation) replaces an earlier one.
   return records
+
+
+def find_record(known: Dict[Tuple, Dict], variant: str, seed: str, extra: Sequence[str], fingerprint: str,
+                cpu: str) -> Optional[Dict]:
+  """The record of a run on CPU kind `cpu`; with cpu="any", its record on whichever kind recorded it first
+  latest; None if there is none."""
+  if cpu != "any":
+    return known.get(run_key(variant, seed, extra, fingerprint, cpu))
+  found = [r for k, r in known.items() if k[:-1] == run_key(variant, seed, extra, fingerprint, "")[:-1]]
+  return found[-1] if found else None
 
 
 def run_dir_name(variant: str, seed: str, extra: Sequence[str]) -> str:
@@ -180,7 +204,7 @@ def host_description() -> str:
     avx512 = bool(flags_line and "avx512f" in flags_line.group(1).split())
   except OSError:
     avx512 = False
-  return f"{model}, {os.cpu_count()} cores, {'AVX-512' if avx512 else 'no AVX-512'}"
+  return f"{model}, {os.cpu_count()} cores, {CPU_KINDS[0] if avx512 else CPU_KINDS[1]}"
 
 
 def _commit() -> str:
@@ -221,8 +245,9 @@ def append_record(results_path: str, record: Dict) -> None:
 def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_path: str,
         known: Dict[str, Dict], fingerprint: str, reevaluate: bool = False) -> Dict[str, float]:
   """The metrics of (variant, seed, extra) at the demo config `fingerprint`: from the results file, or trained
-  now and appended to it. With reevaluate, a known run whose workdir is here is evaluated again."""
-  key = run_key(variant, seed, extra, fingerprint)
+  now and appended to it. Only a run recorded on this machine's CPU kind counts as done. With reevaluate, a known
+  run whose workdir is here is evaluated again."""
+  key = run_key(variant, seed, extra, fingerprint, cpu_kind(host_description()))
   if key in known:
     if not (reevaluate and os.path.isdir(workdir_lib.checkpoint_dir(run_dir))):
       return known[key]["metrics"]
@@ -289,14 +314,19 @@ def main(argv):
   extra = [a for a in argv[1:] if a.startswith("--config.")]
   known = read_results(FLAGS.results)
   fingerprints = {v: config_fingerprint(v) for v in FLAGS.variants}
+  cpu = FLAGS.cpu_kind or cpu_kind(host_description())
+  if cpu not in CPU_KINDS + (UNRECORDED, "any"):
+    raise ValueError(f"--cpu_kind={cpu!r}: expected one of {CPU_KINDS + (UNRECORDED, 'any')}.")
+  if FLAGS.cpu_kind and not FLAGS.table_only:
+    raise ValueError("--cpu_kind selects recorded runs for --table_only; a sweep trains on this machine's kind.")
   results = {v: [] for v in FLAGS.variants}
   # Seed-major order: an interrupted sweep has every variant at the same number of seeds.
   for seed in FLAGS.seeds:
     for variant in FLAGS.variants:
-      key = run_key(variant, seed, extra, fingerprints[variant])
       if FLAGS.table_only:
-        if key in known:
-          results[variant].append(known[key]["metrics"])
+        record = find_record(known, variant, seed, extra, fingerprints[variant], cpu)
+        if record:
+          results[variant].append(record["metrics"])
         continue
       run_dir = os.path.join(FLAGS.workdir, run_dir_name(variant, seed, extra))
       results[variant].append(run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant],
