@@ -101,15 +101,27 @@ def segment_naming_loss(segment_emb: jax.Array, noun_emb: jax.Array, noun_tokens
 def _logsumexp_over_distinct_prompts(logits: jax.Array, noun_tokens: jax.Array) -> jax.Array:
   """logits: [..., B*M] over the batch's prompts; noun_tokens: int [B, M, L] -> [...]: the log-sum-exp in which a
   prompt that occurs c times in the batch enters once (each copy weighted 1/c)."""
-  copies = same_prompt(noun_tokens).sum(axis=-1)  # [B*M]
+  ids = prompt_ids(noun_tokens)
+  copies = jnp.zeros(ids.shape, jnp.int32).at[ids].add(1)[ids]  # [B*M]
   return jax.nn.logsumexp(logits - jnp.log(copies.astype(logits.dtype)), axis=-1)
+
+
+def prompt_ids(noun_tokens: jax.Array) -> jax.Array:
+  """noun_tokens: int [B, M, L] -> int [B*M] in [0, B*M): the same id for two of the batch's prompts (flattened
+  image-major) exactly when they have the same token ids. By a lexicographic sort, in O(B*M*L) memory."""
+  flat = noun_tokens.reshape(-1, noun_tokens.shape[-1])
+  order = jnp.lexsort(flat.T[::-1])  # token 0 is the primary key
+  ordered = flat[order]
+  starts = jnp.any(ordered[1:] != ordered[:-1], axis=-1)  # [B*M - 1]: a new prompt begins
+  rank = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(starts, dtype=jnp.int32)])
+  return jnp.zeros_like(rank).at[order].set(rank)
 
 
 def same_prompt(noun_tokens: jax.Array) -> jax.Array:
   """noun_tokens: int [B, M, L] -> bool [B*M, B*M]: whether two of the batch's prompts (flattened image-major)
   have the same token ids."""
-  flat = noun_tokens.reshape(-1, noun_tokens.shape[-1])
-  return jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1)
+  ids = prompt_ids(noun_tokens)
+  return ids[:, None] == ids[None, :]
 
 
 SEG_NEGATIVES = ("group", "batch")

@@ -429,6 +429,21 @@ def test_prompt_uniformity_matches_a_written_out_computation_over_pairs_of_diffe
   assert float(losses.prompt_uniformity(jnp.asarray(nouns), jnp.asarray(same))) == 0.0
 
 
+def test_prompt_ids_are_equal_exactly_for_equal_token_rows():
+  """Rows that share a prefix, differ only in their last token or repeat across images: one id per distinct row."""
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, 3, (6, 3, 4))  # few token values: many shared prefixes and repeated rows
+  tokens[5, 2] = tokens[0, 0]
+  tokens[4, 1] = tokens[0, 0] + np.array([0, 0, 0, 1])
+  ids = np.asarray(jax.jit(losses.prompt_ids)(jnp.asarray(tokens)))
+  flat = tokens.reshape(-1, 4)
+  equal = (flat[:, None, :] == flat[None, :, :]).all(axis=-1)
+  np.testing.assert_array_equal(ids[:, None] == ids[None, :], equal)
+  assert ids.min() == 0 and ids.max() == len(np.unique(flat, axis=0)) - 1
+  assert ids[0] != ids[13]  # prompts [0, 0] and [4, 1] differ in the last token only
+  np.testing.assert_array_equal(losses.same_prompt(jnp.asarray(tokens)), equal)
+
+
 def test_total_loss_adds_each_weighted_term_with_its_sign():
   terms = {"loss_orig": 1.0, "loss_rest": 2.0, "loss_seg": 3.0, "group_info": 5.0, "loss_noun_seg": 7.0,
            "loss_segment_nouns": 11.0, "loss_segment_naming": 13.0, "loss_prompt_uniformity": -17.0}
