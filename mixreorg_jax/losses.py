@@ -203,6 +203,15 @@ def prompt_uniformity(noun_emb: jax.Array, noun_tokens: jax.Array, temperature: 
   return jnp.where(count > 0, log_mean, 0.0)
 
 
+# Ours that need the noun prompts of config.model.multi_label: each weight of config.loss and its term as
+# fn(segment_emb [B, G, D], noun_emb [B, M, D], noun_tokens int [B, M, L], scale) -> scalar.
+NOUN_TERMS = {
+    "w_noun_seg": noun_segment_loss,
+    "w_segment_nouns": segment_noun_loss,
+    "w_segment_naming": segment_naming_loss,
+    "w_prompt_uniformity": lambda segment_emb, noun_emb, noun_tokens, scale: prompt_uniformity(noun_emb, noun_tokens),
+}
+
 # Each weight of config.loss, the term of `mixreorg.heads` it multiplies and its sign: L = L_orig + the sum of
 # sign * weight * term (I_group is a reward). The terms of the paper first, then ours.
 WEIGHTED_TERMS = {"w_rest": ("loss_rest", 1.0), "w_seg": ("loss_seg", 1.0), "w_group_info": ("group_info", -1.0),

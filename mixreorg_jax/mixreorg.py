@@ -114,15 +114,9 @@ def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, 
     out["loss_multi_label"] = losses.multi_label_loss(image_emb, noun_emb, ml_scale)
     out["loss_orig"] = out["loss_orig"] + out["loss_multi_label"]
     out["multi_label_logit_scale"] = ml_scale
-    if config.loss.w_noun_seg:
-      out["loss_noun_seg"] = losses.noun_segment_loss(segment_emb, noun_emb, labels["noun_tokens"], ml_scale)
-    if config.loss.w_segment_nouns:
-      out["loss_segment_nouns"] = losses.segment_noun_loss(segment_emb, noun_emb, labels["noun_tokens"], ml_scale)
-    if config.loss.w_segment_naming:
-      out["loss_segment_naming"] = losses.segment_naming_loss(segment_emb, noun_emb, labels["noun_tokens"],
-                                                              ml_scale)
-    if config.loss.w_prompt_uniformity:
-      out["loss_prompt_uniformity"] = losses.prompt_uniformity(noun_emb, labels["noun_tokens"])
+    for weight, term in losses.NOUN_TERMS.items():  # ours, off unless weighted
+      if config.loss[weight]:
+        out[losses.WEIGHTED_TERMS[weight][0]] = term(segment_emb, noun_emb, labels["noun_tokens"], ml_scale)
   if config.model.mixreorg:
     restored_emb, _ = model.project_segments(segments[2 * b:], train, update_stats=False)
     out["loss_rest"] = losses.contrastive_loss(restored_emb, text_emb, scale)

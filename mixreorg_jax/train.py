@@ -424,10 +424,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(f"config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1) (0 = no moving average).")
   if config.loss.seg_targets not in losses.SEG_TARGETS:
     raise ValueError(f"config.loss.seg_targets={config.loss.seg_targets!r}: expected one of {losses.SEG_TARGETS}.")
-  uses_nouns = {"w_noun_seg": bool(config.loss.w_noun_seg), "w_segment_nouns": bool(config.loss.w_segment_nouns),
-                "w_segment_naming": bool(config.loss.w_segment_naming),
-                "w_prompt_uniformity": bool(config.loss.w_prompt_uniformity),
-                "seg_targets='nouns'": config.loss.seg_targets == "nouns"}
+  uses_nouns = {weight: bool(config.loss[weight]) for weight in losses.NOUN_TERMS}
+  uses_nouns["seg_targets='nouns'"] = config.loss.seg_targets == "nouns"
   for key, used in uses_nouns.items():
     if used and not config.model.multi_label:
       raise ValueError(f"config.loss.{key} needs the noun prompts of config.model.multi_label=True.")
