@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.image_size = 224
   c.input.data_dir = ""  # a TFRecord directory or glob; "" = the built-in synthetic data.
   c.input.synthetic_dir = "data/synthetic"
+  # Of the built-in data's training captions, the share that describes the background (data.synthetic's
+  # SCENE_TEMPLATES); -1: every template equally often (5 in 14). Use another synthetic_dir for another share.
+  c.input.synthetic_scene_share = -1.0
   c.input.datasets = ()  # optional weighted mixture, see mixreorg_jax/data/input_pipeline.py.
   c.input.image_key = "jpg"
   c.input.text_key = "txt"

@@ -578,8 +578,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, watch: 
   logging.info("Mesh %s over %d processes", dict(mesh.shape), jax.process_count())
   if not config.input.data_dir and not config.input.datasets:
     from mixreorg_jax.data import synthetic  # noqa: PLC0415
+    synthetic.check_scene_share(config.input.synthetic_scene_share, "config.input.synthetic_scene_share")
     if jax.process_index() == 0:
-      synthetic.ensure_synthetic_data(config.input.synthetic_dir)
+      synthetic.ensure_synthetic_data(config.input.synthetic_dir, scene_share=config.input.synthetic_scene_share)
     _sync("synthetic data")  # the input pipeline then finds it complete on every host.
   validate_config(config, mesh)
 

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -80,3 +81,30 @@ def test_ensure_synthetic_data_writes_shards_and_voc_layout(tmp_path):
   synthetic.ensure_synthetic_data(str(tmp_path), num_train=24, num_val=3, num_test=4, image_size=32)
   assert json.loads((tmp_path / "COMPLETE").read_text()) == marker
   assert marker["version"] == synthetic.DATA_VERSION
+
+
+def test_scene_share_sets_how_many_captions_describe_the_background(tmp_path):
+  """Default: every template equally often (5 in 14 describe the scene); scene_share p: that share, and the same
+  segmentation sets. A share outside [0, 1] is refused before anything is written."""
+  def described(share, n=700):
+    rng = np.random.default_rng(4)
+    captions = [synthetic.make_caption(rng, ["circle"], "dotted", share) for _ in range(n)]
+    return np.mean(["dotted" in c for c in captions])
+  assert abs(described(synthetic.DEFAULT_SCENE_SHARE) - 5 / 14) < 0.05
+  assert described(0.0) == 0.0 and described(1.0) == 1.0
+  assert abs(described(0.75) - 0.75) < 0.05
+  default, scene = tmp_path / "default", tmp_path / "scene"
+  synthetic.ensure_synthetic_data(str(default), num_train=24, num_val=3, num_test=4, image_size=32)
+  synthetic.ensure_synthetic_data(str(scene), num_train=24, num_val=3, num_test=4, image_size=32, scene_share=1.0)
+  assert "scene_share" not in json.loads((default / "COMPLETE").read_text())
+  assert json.loads((scene / "COMPLETE").read_text())["scene_share"] == 1.0
+  for split in ("voc", "voc_val"):
+    for name in sorted((default / split / "JPEGImages").iterdir()):
+      assert name.read_bytes() == (scene / split / "JPEGImages" / name.name).read_bytes()
+  captions = [tf.train.Example.FromString(r.numpy()).features.feature["txt"].bytes_list.value[0].decode()
+              for r in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(str(scene / "train-*"))))]
+  assert all(any(w in c for w in synthetic.TEXTURE_WORDS) for c in captions)
+  for bad in (1.5, -0.5):
+    with pytest.raises(ValueError, match="scene_share"):
+      synthetic.ensure_synthetic_data(str(tmp_path / "bad"), num_train=24, scene_share=bad)
+  assert not (tmp_path / "bad").exists()

@@ -173,6 +173,7 @@ def test_two_evaluations_log_their_curves_and_their_protocols(synthetic_dir, tmp
     ({"loss.seg_targets": "nouns"}, "config.loss.seg_targets='nouns' needs the noun prompts"),
     ({"loss.w_segment_naming": 1.0}, "config.loss.w_segment_naming needs the noun prompts"),
     ({"optim.ema_decay": 1.0}, r"config.optim.ema_decay=1.0 must be in \[0, 1\)"),
+    ({"input.synthetic_scene_share": 1.5}, r"config.input.synthetic_scene_share=1.5: expected a probability"),
 ])
 def test_config_errors_fail_before_compiling(synthetic_dir, tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

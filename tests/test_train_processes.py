@@ -81,7 +81,7 @@ def test_sigkill_during_save_then_sigterm_then_export(synthetic_dir, tmp_path, p
   with open(os.path.join(workdir, "resumed.txt")) as f:
     log = f.read()
   assert "Resumed from step 2" in log
-  stopped = int(re.search(r"Stopped by a signal or preemption notice at step (\d+)", log).group(1))
+  stopped = stopped_step(log)
   assert stopped == max(common.losses(workdir)) >= 6  # the step in flight finished and was saved.
   assert max(checkpoint_steps(workdir)) == stopped
   assert os.path.exists(os.path.join(workdir, "input_state", f"step_{stopped}", "process_0_of_1.index"))
@@ -97,32 +97,6 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_then_restore_on_one(synthetic_dir, tmp_path, processes):
-  """2 processes x 2 CPU devices (gloo) agree on the loss and write one checkpoint; 1 process x 8 resumes it."""
-  workdir = str(tmp_path / "run")
-  config = common.train_config(synthetic_dir, total_steps=3, ckpt_steps=3)
-  address = f"127.0.0.1:{free_port()}"
-  procs = [processes.train(config, workdir, f"--coordinator_address={address}", "--num_processes=2",
-                           f"--process_id={i}", log_name=f"process_{i}.txt") for i in range(2)]
-  assert [p.wait(timeout=900) for p in procs] == [0, 0]
-  logged = []
-  for i in range(2):
-    with open(os.path.join(workdir, f"process_{i}.txt")) as f:
-      logged.append(re.findall(r"step (\d+)/\d+  loss ([-\d.e+]+)", f.read()))
-  assert [s for s, _ in logged[0]] == ["1", "2", "3"]
-  assert logged[0] == logged[1]  # the same global loss on both processes.
-  assert checkpoint_steps(workdir) == [3]
-  assert sorted(os.listdir(os.path.join(workdir, "input_state", "step_3"))) == [
-      f"process_{i}_of_2.{ext}" for i in range(2) for ext in ("data-00000-of-00001", "index")]
-
-  # This test process has 8 devices: the 2 x 2 checkpoint is laid out on a (data=8) mesh.
-  train.train_and_evaluate(common.train_config(synthetic_dir, total_steps=4, ckpt_steps=4), workdir)
-  steps = [m["step"] for m in common.read_metrics(workdir) if "train/loss" in m]
-  assert steps == [1, 2, 3, 4]  # resumed at 3: steps 1-3 were not run again.
-  assert checkpoint_steps(workdir) == [3, 4]
-
-
 def start_two_processes(processes, config, workdir: str, run: str) -> list:
   """Both processes of a 2 x 2-device run over gloo on 127.0.0.1 (console output to workdir/<run>_<i>.txt)."""
   address = f"127.0.0.1:{free_port()}"
@@ -135,12 +109,45 @@ def read_log(workdir: str, name: str) -> str:
     return f.read()
 
 
-def logged_steps(workdir: str, log: str) -> list:
-  """The steps one run's console output `log` (in workdir) has reported so far: unlike metrics.jsonl, which every
-  run of the workdir appends to, only this run's."""
+LOGGED_STEP = re.compile(r"step (\d+)/\d+  loss ([-\d.e+]+)")  # the trainer's console line of a step
+
+
+def logged_losses(workdir: str, log: str) -> list:
+  """(step, loss as printed) of every step one run's console output `log` (in workdir) has reported so far:
+  unlike metrics.jsonl, which every run of the workdir appends to, only this run's."""
   with contextlib.suppress(FileNotFoundError):
-    return [int(s) for s in re.findall(r"step (\d+)/\d+  loss", read_log(workdir, log))]
+    return [(int(step), loss) for step, loss in LOGGED_STEP.findall(read_log(workdir, log))]
   return []
+
+
+def logged_steps(workdir: str, log: str) -> list:
+  """The steps of `logged_losses`."""
+  return [step for step, _ in logged_losses(workdir, log)]
+
+
+def stopped_step(log: str) -> int:
+  """The step at which a run whose console output is `log` stopped for a signal or a preemption notice."""
+  return int(re.search(r"Stopped by a signal or preemption notice at step (\d+)", log).group(1))
+
+
+@pytest.mark.slow
+def test_two_processes_then_restore_on_one(synthetic_dir, tmp_path, processes):
+  """2 processes x 2 CPU devices (gloo) agree on the loss and write one checkpoint; 1 process x 8 resumes it."""
+  workdir = str(tmp_path / "run")
+  config = common.train_config(synthetic_dir, total_steps=3, ckpt_steps=3)
+  assert [p.wait(timeout=900) for p in start_two_processes(processes, config, workdir, "process")] == [0, 0]
+  logged = [logged_losses(workdir, f"process_{i}.txt") for i in range(2)]
+  assert [s for s, _ in logged[0]] == [1, 2, 3]
+  assert logged[0] == logged[1]  # the same global loss on both processes.
+  assert checkpoint_steps(workdir) == [3]
+  assert sorted(os.listdir(os.path.join(workdir, "input_state", "step_3"))) == [
+      f"process_{i}_of_2.{ext}" for i in range(2) for ext in ("data-00000-of-00001", "index")]
+
+  # This test process has 8 devices: the 2 x 2 checkpoint is laid out on a (data=8) mesh.
+  train.train_and_evaluate(common.train_config(synthetic_dir, total_steps=4, ckpt_steps=4), workdir)
+  steps = [m["step"] for m in common.read_metrics(workdir) if "train/loss" in m]
+  assert steps == [1, 2, 3, 4]  # resumed at 3: steps 1-3 were not run again.
+  assert checkpoint_steps(workdir) == [3, 4]
 
 
 def stops_for_a_peer(proc, workdir: str, log: str, since: float, what: str) -> float:
@@ -174,8 +181,7 @@ def test_two_processes_preempted_then_peer_lost_stopped_hung_resume_exactly(synt
   for p in procs:
     p.send_signal(signal.SIGTERM)
   assert [p.wait(timeout=300) for p in procs] == [0, 0]
-  stopped = {int(re.search(r"Stopped by a signal or preemption notice at step (\d+)", read_log(
-      workdir, f"preempted_{i}.txt")).group(1)) for i in range(2)}
+  stopped = {stopped_step(read_log(workdir, f"preempted_{i}.txt")) for i in range(2)}
   assert len(stopped) == 1 and checkpoint_steps(workdir)[-1] == stopped.pop()  # one agreed step, saved.
 
   seconds = {}

@@ -151,7 +151,7 @@ def resolve_sources(cfg) -> List[Dict[str, Any]]:
     return specs
   pattern = cfg.data_dir
   if not pattern:
-    pattern = synthetic.ensure_synthetic_data(cfg.synthetic_dir)
+    pattern = synthetic.ensure_synthetic_data(cfg.synthetic_dir, scene_share=cfg.synthetic_scene_share)
   return [dict(defaults, name="data_dir", pattern=pattern, key_prefix="config.input")]
 
 

@@ -51,6 +51,12 @@ TEXTURE_WORDS = ("striped", "checkered", "dotted", "noisy")
 # What the background is called in the templates that mention it (the word after "{bg}": background, paper,
 # table), in the templates' order.
 BACKGROUND_NOUNS = tuple(dict.fromkeys(re.findall(r"\{bg\} (\w+)", " ".join(CAPTION_TEMPLATES))))
+# The templates that describe the background, and the rest. make_caption's scene_share < 0 (the default) draws every
+# template equally often, so 5 captions in 14 describe the scene; scene_share in [0, 1] draws from SCENE_TEMPLATES
+# with that probability.
+SCENE_TEMPLATES = tuple(t for t in CAPTION_TEMPLATES if "{bg}" in t)
+OBJECT_TEMPLATES = tuple(t for t in CAPTION_TEMPLATES if "{bg}" not in t)
+DEFAULT_SCENE_SHARE = -1.0
 # Bumped when the bytes written for the same arguments change, so that an older copy is regenerated.
 # 2: the nouns of a training record include the background's noun phrase when its caption mentions it.
 DATA_VERSION = 2
@@ -148,9 +154,11 @@ def render_example(rng: np.random.Generator, image_size: int):
   return np.array(img), np.array(label), names, background
 
 
-def make_caption(rng: np.random.Generator, names: list, background: str) -> str:
+def make_caption(rng: np.random.Generator, names: list, background: str,
+                 scene_share: float = DEFAULT_SCENE_SHARE) -> str:
   """A natural-ish caption that names every object, sometimes with its colour, plus distractor words; templates
-  that mention the background name its texture (`background`, a TEXTURE_WORDS entry)."""
+  that mention the background name its texture (`background`, a TEXTURE_WORDS entry). scene_share: see
+  SCENE_TEMPLATES."""
   phrases = []
   for n in names:
     colour = CLASS_COLOURS[n][0]
@@ -162,7 +170,10 @@ def make_caption(rng: np.random.Generator, names: list, background: str) -> str:
     objs = phrases[0]
   else:
     objs = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-  template = str(rng.choice(CAPTION_TEMPLATES))
+  if scene_share < 0:
+    template = str(rng.choice(CAPTION_TEMPLATES))
+  else:
+    template = str(rng.choice(SCENE_TEMPLATES if rng.random() < scene_share else OBJECT_TEMPLATES))
   return template.format(objs, bg=background, adj=rng.choice(ADJECTIVES))
 
 
@@ -184,8 +195,8 @@ def _rng(seed: int, split: str) -> np.random.Generator:
 
 
 def write_train_shards(out_dir: str, num_examples: int, image_size: int, seed: int,
-                       num_shards: int = NUM_TRAIN_SHARDS) -> list:
-  """Writes the captioned training shards; returns their paths."""
+                       num_shards: int = NUM_TRAIN_SHARDS, scene_share: float = DEFAULT_SCENE_SHARE) -> list:
+  """Writes the captioned training shards (scene_share: see SCENE_TEMPLATES); returns their paths."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mixreorg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   rng = _rng(seed, "train")
@@ -194,7 +205,7 @@ def write_train_shards(out_dir: str, num_examples: int, image_size: int, seed: i
   try:
     for i in range(num_examples):
       image, _, names, background = render_example(rng, image_size)
-      caption = make_caption(rng, names, background)
+      caption = make_caption(rng, names, background, scene_share)
       nouns = caption_nouns(caption, names, background)
       writers[i % num_shards].write(preprocess.make_example(
           {"jpg": _jpeg(image), "txt": caption.encode(), "nouns": [n.encode() for n in nouns]}))
@@ -224,13 +235,17 @@ def write_voc_split(root: str, num_examples: int, image_size: int, seed: int, sp
 
 
 def ensure_synthetic_data(out_dir: str, num_train: int = 8000, num_val: int = 200, num_test: int = 500,
-                          image_size: int = 64, seed: int = 0) -> str:
+                          image_size: int = 64, seed: int = 0, scene_share: float = DEFAULT_SCENE_SHARE) -> str:
   """Generates the synthetic data into out_dir unless a complete copy with the same arguments is there.
 
+  scene_share: see SCENE_TEMPLATES; it changes the training captions only (the segmentation sets are the same).
   Returns the glob of the training shards. Safe to call from every host: each writes the same bytes.
   """
+  check_scene_share(scene_share)
   args = dict(num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed,
               version=DATA_VERSION)
+  if scene_share != DEFAULT_SCENE_SHARE:  # a copy written before the argument existed stays complete.
+    args["scene_share"] = scene_share
   marker = os.path.join(out_dir, "COMPLETE")
   pattern = os.path.join(out_dir, "train-*-of-*.tfrecord")
   if os.path.exists(marker):
@@ -238,12 +253,20 @@ def ensure_synthetic_data(out_dir: str, num_train: int = 8000, num_val: int = 20
       if json.load(f) == args:
         return pattern
   os.makedirs(out_dir, exist_ok=True)
-  write_train_shards(out_dir, num_train, image_size, seed)
+  write_train_shards(out_dir, num_train, image_size, seed, scene_share=scene_share)
   write_voc_split(os.path.join(out_dir, "voc_val"), num_val, image_size, seed, "voc_val")
   write_voc_split(os.path.join(out_dir, "voc"), num_test, image_size, seed, "voc")
   with open(marker, "w") as f:
     json.dump(args, f)
   return pattern
+
+
+def check_scene_share(scene_share: float, name: str = "scene_share") -> None:
+  """Raises a ValueError naming `name` unless scene_share is a probability or DEFAULT_SCENE_SHARE."""
+  if not (0.0 <= scene_share <= 1.0 or scene_share == DEFAULT_SCENE_SHARE):
+    raise ValueError(f"{name}={scene_share}: expected a probability in [0, 1], or {DEFAULT_SCENE_SHARE} for every "
+                     f"caption template equally often ({len(SCENE_TEMPLATES)} of {len(CAPTION_TEMPLATES)} describe "
+                     "the background).")
 
 
 def sample_captions(num: int, seed: int = 0) -> list:
@@ -265,6 +288,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_test", 500, "Images in DIR/voc (held out).")
   flags.DEFINE_integer("image_size", 64, "Image size.")
   flags.DEFINE_integer("seed", 0, "Seed of every split's random stream.")
+  flags.DEFINE_float("scene_share", DEFAULT_SCENE_SHARE, "Share of training captions that describe the background "
+                     f"(< 0: every template equally often, {len(SCENE_TEMPLATES)} in {len(CAPTION_TEMPLATES)}).")
   flags.DEFINE_string("spm_out", "", "Instead: fit the SentencePiece model to this prefix.")
   flags.DEFINE_integer("spm_vocab_size", 256, "Vocabulary size of --spm_out.")
   flags.mark_flag_as_required("out")
@@ -279,7 +304,7 @@ def main(argv):
     path = tokenizers.train_sentencepiece(sample_captions(20000, a.seed), a.spm_out, a.spm_vocab_size)
     print(f"wrote {path}")
     return
-  pattern = ensure_synthetic_data(a.out, a.num_train, a.num_val, a.num_test, a.image_size, a.seed)
+  pattern = ensure_synthetic_data(a.out, a.num_train, a.num_val, a.num_test, a.image_size, a.seed, a.scene_share)
   print(f"synthetic data ready: {pattern}, {a.out}/voc_val, {a.out}/voc")
 
 
