@@ -14,12 +14,10 @@ from tests import test_train_common as common
 E2E_STEPS = demo.get_config().total_steps  # the demo's own length: shorter runs do not yet learn to segment.
 # The demo's runs are chaotic: another CPU kind or another thread count is another trajectory, so the test's run is
 # a fresh draw whatever its seed. Held-out (all 500 images, the demo's own evaluation), the demo config scored, at
-# seeds 0-4 on a 2-core EPYC without AVX-512, above the untrained model by 22.6, 17.9, 9.5, 25.8, 14.8 mIoU; above
-# chance by 19.6, 16.3, 6.7, 20.4, 12.5; its best object class scored 55.5, 49.2, 37.4, 65.1, 52.9 IoU. The demo
-# before it (loss.w_group_info=0.3, optim.b2=0.999) scored, at seeds 0-4 on one with AVX-512 and at seeds 3 and 4
-# without, above the untrained model by 14.7, 13.5, 14.7, 13.2, 25.9 and 20.1, 3.7; above chance by 11.2, 11.2,
-# 12.1, 8.5, 24.7 and 14.9, 1.9; best object class 65.8, 65.6, 67.8, 38.8, 70.1 and 55.2, 32.7. Seed 3 has the
-# widest smallest margins at both demos. (The previous demo, L_seg against captions, failed a 4-point margin over chance in 4 of 11
+# seeds 0-4 on a 2-core EPYC with AVX-512 and at seeds 3 and 4 on one without it, above the untrained model by
+# 14.7, 13.5, 14.7, 13.2, 25.9 and 20.1, 3.7 mIoU; above chance by 11.2, 11.2, 12.1, 8.5, 24.7 and 14.9, 1.9; its
+# best object class scored 65.8, 65.6, 67.8, 38.8, 70.1 and 55.2, 32.7 IoU. Seed 3 has the widest smallest margins
+# over both CPU kinds. (The previous demo, L_seg against captions, failed a 4-point margin over chance in 4 of 11
 # such runs, the CI machine's among them: 13.2 mIoU at seed 2, 3.0 above chance.)
 E2E_SEED = 3
 MIOU_OVER_UNTRAINED = 3.0  # mIoU points above the untrained model (the runs' initial parameters)
