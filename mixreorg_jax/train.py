@@ -723,11 +723,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, watch: 
       with watch.during("save"):
         finish_saving()  # a pending async save completes (or fails loudly) before a clean exit ...
   finally:
-    with contextlib.suppress(Exception):  # ... and, quietly, before any other: the first error is the one to see.
-      manager.wait_until_finished()
-    with contextlib.suppress(Exception):
-      manager.close()
-    writer.flush()
+    # Past the last step (or the preemption save): the save's wait and close are a save's phase for the peer watch.
+    with watch.during("save"):
+      with contextlib.suppress(Exception):  # ... and, quietly, before any other: the first error is the one to see.
+        manager.wait_until_finished()
+      with contextlib.suppress(Exception):
+        manager.close()
+      writer.flush()
 
   # ------------------------------------------------------------------------------------------- final evaluation
   with watch.during("eval"):  # the plot too: process 0 draws it while the others wait at the end of the run.

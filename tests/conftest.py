@@ -12,9 +12,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+  """Keeps each phase's report on the test item (item.report_call, ...), for fixtures that act on a failure."""
+  report = yield
+  setattr(item, f"report_{report.when}", report)
+  return report
+
+
 @pytest.fixture
-def processes():
-  """A test_train_common.Processes: the subprocesses a test starts are killed when it ends, even on failure."""
+def processes(request):
+  """A test_train_common.Processes: the subprocesses a test starts are killed when it ends, even on failure. If the
+  test failed, the end of every process's console output is printed (pytest shows it with the failure)."""
   from tests import test_train_common  # noqa: PLC0415  (imports jax: after the environment above is set)
   with test_train_common.Processes() as started:
     yield started
+    if getattr(request.node, "report_call", None) is not None and request.node.report_call.failed:
+      print(started.console_tails())

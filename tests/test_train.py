@@ -31,9 +31,26 @@ def all_finite(tree):
 @pytest.mark.slow
 def test_exact_resume_after_sigterm(synthetic_dir, tmp_path, monkeypatch):
   """Steps n+1..2n of a run stopped by SIGTERM at n and restarted equal those of an uninterrupted run, and so does
-  the parameters' moving average that the export takes."""
+  the parameters' moving average that the export takes. Each run closes its checkpoints in a long phase of the peer
+  watch: a close that waits for the last save must not be taken for a hang."""
   n = 3
   config = common.train_config(synthetic_dir, total_steps=2 * n, **{"optim.ema_decay": 0.5})
+  watches, closed_in = [], []
+
+  class RecordingWatch(train.PeerWatch):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      watches.append(self)
+
+  close = ocp.CheckpointManager.close
+
+  def recording_close(self):
+    if watches and not watches[-1]._stop.is_set():  # the trainer's own manager, while its watch is on.
+      closed_in.append(watches[-1].phase)
+    close(self)
+
+  monkeypatch.setattr(train, "PeerWatch", RecordingWatch)
+  monkeypatch.setattr(ocp.CheckpointManager, "close", recording_close)
   train.train_and_evaluate(config, str(tmp_path / "straight"))
 
   write_scalars = train.JsonlWriter.write_scalars
@@ -44,15 +61,15 @@ def test_exact_resume_after_sigterm(synthetic_dir, tmp_path, monkeypatch):
       os.kill(os.getpid(), signal.SIGTERM)
 
   resumed = str(tmp_path / "resumed")
-  monkeypatch.setattr(train.JsonlWriter, "write_scalars", signal_at_n)
-  with pytest.raises(train.Preempted, match=f"at step {n}"):
+  with monkeypatch.context() as patched, pytest.raises(train.Preempted, match=f"at step {n}"):
+    patched.setattr(train.JsonlWriter, "write_scalars", signal_at_n)
     train.train_and_evaluate(config, resumed)
-  monkeypatch.undo()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer put the handler back.
   assert latest_step(resumed) == n
   assert os.path.exists(os.path.join(resumed, "input_state", f"step_{n}", "process_0_of_1.index"))
 
   train.train_and_evaluate(config, resumed)
+  assert closed_in == ["save"] * 3  # the straight run, the preempted one and its resumption.
   straight, again = common.losses(str(tmp_path / "straight")), common.losses(resumed)
   assert sorted(again) == list(range(1, 2 * n + 1))
   np.testing.assert_allclose([again[s] for s in range(n + 1, 2 * n + 1)],

@@ -62,6 +62,7 @@ class Processes:
 
   def __init__(self):
     self.started = []
+    self.log_paths = []
 
   def __enter__(self):
     return self
@@ -78,7 +79,18 @@ class Processes:
       proc = subprocess.Popen(args, cwd=REPO, env=env or SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     self.started.append(proc)
+    self.log_paths.append(log_path)
     return proc
+
+  def console_tails(self, lines: int = 25) -> str:
+    """The last `lines` lines of every started process's console output, each under its command and exit status."""
+    parts = []
+    for proc, path in zip(self.started, self.log_paths):
+      with open(path, errors="replace") as f:
+        tail = f.read().splitlines()[-lines:]
+      parts.append(f"--- {os.path.basename(path)} (exit status {proc.poll()}): {' '.join(map(str, proc.args))}\n"
+                   + "\n".join(tail))
+    return "\n".join(parts)
 
   def train(self, config, workdir: str, *extra: str, log_name: str = "log.txt") -> subprocess.Popen:
     """Starts the trainer as a process (stdout and stderr to workdir/log_name)."""
