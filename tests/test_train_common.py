@@ -61,14 +61,13 @@ class Processes:
   """
 
   def __init__(self):
-    self.started = []
-    self.log_paths = []
+    self.started = []  # (process, the path of its console output)
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc_info):
-    for proc in self.started:
+    for proc, _ in self.started:
       if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -78,14 +77,13 @@ class Processes:
     with open(log_path, "w") as log:
       proc = subprocess.Popen(args, cwd=REPO, env=env or SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    self.started.append(proc)
-    self.log_paths.append(log_path)
+    self.started.append((proc, log_path))
     return proc
 
   def console_tails(self, lines: int = 25) -> str:
     """The last `lines` lines of every started process's console output, each under its command and exit status."""
     parts = []
-    for proc, path in zip(self.started, self.log_paths):
+    for proc, path in self.started:
       with open(path, errors="replace") as f:
         tail = f.read().splitlines()[-lines:]
       parts.append(f"--- {os.path.basename(path)} (exit status {proc.poll()}): {' '.join(map(str, proc.args))}\n"
