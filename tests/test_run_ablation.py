@@ -69,24 +69,35 @@ def test_finished_runs_are_kept_in_the_results_file_and_not_run_again(tmp_path, 
 
 
 def test_a_run_recorded_on_another_cpu_kind_is_trained_again_here(tmp_path, monkeypatch):
-  """Float rounding differs between CPU kinds, so a record from the other kind does not stand for this one's run;
-  --table_only picks a kind (or "any")."""
+  """Float rounding differs between CPU kinds -- another model with the same instruction set included -- so a
+  record from another kind does not stand for this one's run; --table_only picks a kind, an instruction set (every
+  model with it) or "any"."""
+  monkeypatch.setattr(run_ablation, "host_description", lambda: "Intel Xeon, 2 cores, AVX-512")
   here = run_ablation.cpu_kind(run_ablation.host_description())
-  other = next(k for k in run_ablation.CPU_KINDS if k != here)
+  assert here == "Intel Xeon, AVX-512"
   results = str(tmp_path / "runs.jsonl")
   base = {"variant": "mixreorg", "seed": "0", "overrides": [], "config": "abc"}
   with open(results, "w") as f:
-    f.write(json.dumps(dict(base, metrics={"eval/mIoU": 1.0}, host=f"Some CPU, 2 cores, {other}")) + "\n")
+    f.write(json.dumps(dict(base, metrics={"eval/mIoU": 1.0}, host="AMD EPYC, 2 cores, no AVX-512")) + "\n")
+    f.write(json.dumps(dict(base, metrics={"eval/mIoU": 4.0}, host="AMD EPYC, 2 cores, AVX-512")) + "\n")
     f.write(json.dumps(dict(base, metrics={"eval/mIoU": 2.0})) + "\n")  # from before records named their CPU
-  monkeypatch.setattr(run_ablation, "train_run", lambda *a, **k: {"eval/mIoU": 3.0})
+  trained = []
+  monkeypatch.setattr(run_ablation, "train_run", lambda *a, **k: trained.append(a) or {"eval/mIoU": 3.0})
   known = run_ablation.read_results(results)
   assert run_ablation.run("mixreorg", "0", str(tmp_path / "r"), [], results, known, "abc") == {"eval/mIoU": 3.0}
+  assert len(trained) == 1  # the AMD EPYC's AVX-512 record did not count as this Xeon's run.
   known = run_ablation.read_results(results)
+  assert run_ablation.run("mixreorg", "0", str(tmp_path / "r"), [], results, known, "abc") == {"eval/mIoU": 3.0}
+  assert len(trained) == 1  # this machine's own record does.
   find = lambda cpu: run_ablation.find_record(known, "mixreorg", "0", [], "abc", cpu)["metrics"]["eval/mIoU"]  # noqa: E731
-  assert (find(other), find(run_ablation.UNRECORDED), find(here), find("any")) == (1.0, 2.0, 3.0, 3.0)
+  assert [find(k) for k in ("AMD EPYC, no AVX-512", "AMD EPYC, AVX-512", run_ablation.UNRECORDED, here)] == [
+      1.0, 4.0, 2.0, 3.0]
+  assert (find("no AVX-512"), find("AVX-512"), find("any")) == (1.0, 3.0, 3.0)  # the latest record that matches
   assert run_ablation.find_record(known, "mixreorg", "1", [], "abc", "any") is None
-  assert run_ablation.cpu_kind("AMD EPYC, 2 cores, no AVX-512") == "no AVX-512"
-  assert run_ablation.cpu_kind("AMD EPYC, 2 cores, AVX-512") == "AVX-512"
+  assert run_ablation.find_record(known, "mixreorg", "0", [], "abc", "Intel Xeon, no AVX-512") is None
+  assert run_ablation.cpu_kind("AMD EPYC, 2 cores, no AVX-512") == "AMD EPYC, no AVX-512"
+  assert run_ablation.cpu_kind("AMD EPYC, 2 cores, AVX-512") == "AMD EPYC, AVX-512"
+  assert run_ablation.cpu_kind("") == run_ablation.cpu_kind("AMD EPYC") == run_ablation.UNRECORDED
 
 
 def test_config_fingerprint_follows_the_demo_config():
