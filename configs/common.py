@@ -75,9 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
   # w_segment_naming (not in the paper; 0 = off, needs model.multi_label): the best segment for each caption noun
   # named by it over the batch's other nouns (losses.segment_naming_loss). w_prompt_uniformity (not in the paper;
   # 0 = off, needs model.multi_label): spreads the batch's different noun prompts apart (losses.prompt_uniformity).
+  # w_source_nouns (not in the paper; 0 = off, needs model.multi_label): in each mixed image, every noun of its
+  # sources found best by a segment of its own source (losses.source_noun_loss).
   c.loss = ml_collections.ConfigDict(dict(w_rest=1.0, w_seg=1.0, w_group_info=0.0, seg_negatives="group",
                                           seg_targets="caption", w_noun_seg=0.0, w_segment_nouns=0.0,
-                                          w_segment_naming=0.0, w_prompt_uniformity=0.0))
+                                          w_segment_naming=0.0, w_prompt_uniformity=0.0, w_source_nouns=0.0))
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.6e-3, base_batch_size=4096,  # lr = base_lr * batch_size / base_batch_size (GroupViT).

@@ -126,6 +126,10 @@ def heads(model: groupvit.GroupViT, features: Dict[str, Any], labels: Dict[str, 
     out["loss_seg"], out["seg_acc"] = losses.seg_loss(features["mixed_assignment"], mixed_segment_emb, source_emb,
                                                       labels["src"], seg_scale, config.mix.group_size,
                                                       config.loss.seg_negatives)
+    if config.loss.w_source_nouns:  # ours: each source's nouns found by its own segments of the mixed image.
+      out["loss_source_nouns"] = losses.source_noun_loss(features["mixed_assignment"], mixed_segment_emb, noun_emb,
+                                                         labels["noun_tokens"], labels["src"], ml_scale,
+                                                         config.mix.group_size)
   # Every branch's assignments (original, mixed, restored), averaged over the grouping blocks.
   info = features["group_info"]
   out["group_info"] = sum(i.mean() for i in info) / max(len(info), 1)

@@ -426,6 +426,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(f"config.loss.seg_targets={config.loss.seg_targets!r}: expected one of {losses.SEG_TARGETS}.")
   uses_nouns = {weight: bool(config.loss[weight]) for weight in losses.NOUN_TERMS}
   uses_nouns["seg_targets='nouns'"] = config.loss.seg_targets == "nouns"
+  uses_nouns["w_source_nouns"] = bool(config.loss.w_source_nouns)
   for key, used in uses_nouns.items():
     if used and not config.model.multi_label:
       raise ValueError(f"config.loss.{key} needs the noun prompts of config.model.multi_label=True.")

@@ -452,3 +452,55 @@ def test_total_loss_adds_each_weighted_term_with_its_sign():
   expected = 1.0 + 2.0 + 1.5 - 0.5 + 14.0 + 33.0 + 0.0 - 4.25
   np.testing.assert_allclose(losses.total_loss(terms, weights), expected, rtol=1e-6)
   assert float(losses.total_loss({"loss_orig": 1.0}, weights)) == 1.0  # missing terms count as 0.
+
+
+def _source_noun_loss_reference(assignment, segment_emb, noun_emb, noun_tokens, src, scale, k):
+  """losses.source_noun_loss written out with loops in numpy."""
+  b, n, g = assignment.shape
+  m = noun_emb.shape[1]
+  terms = []
+  for i in range(b):
+    first = i // k * k
+    owner = {}
+    for s in range(g):
+      members = [p for p in range(n) if assignment[i, p, s] > 0.5]
+      if members:
+        owner[s] = np.bincount(src[i, members], minlength=k).argmax()
+    if set(owner.values()) != set(range(k)):
+      continue  # a source owns no segment of this mixed image
+    for j in range(k):
+      for mm in range(m):
+        prompt = noun_emb[first + j, mm]
+        logits = np.array([scale * max(segment_emb[i, s] @ prompt for s in owner if owner[s] == c)
+                           for c in range(k)])
+        positive = [c for c in range(k) if any((noun_tokens[first + c, q] == noun_tokens[first + j, mm]).all()
+                                               for q in range(m))]
+        lse = lambda x: x.max() + np.log(np.exp(x - x.max()).sum())  # noqa: E731
+        terms.append(lse(logits) - lse(logits[positive]))
+  return np.mean(terms)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_source_noun_loss_matches_a_written_out_computation(k):
+  """Each source's nouns against the segments each source owns; a noun two sources share is positive for both; a
+  mixed image in which a source owns no segment is left out."""
+  b, n, g, m = 2 * k, 9, 4, 3
+  segments, nouns, tokens = _segments_and_prompts(5, b, g, m)
+  tokens[1, 2] = tokens[0, 0]  # source 1 of group 0 shares a prompt with source 0
+  rng = np.random.default_rng(6)
+  assignment = np.eye(g, dtype=np.float32)[rng.integers(0, g, (b, n))]  # hard [B, N, G]
+  src = rng.integers(0, k, (b, n)).astype(np.int32)
+  src[-1] = 0  # the last mixed image holds patches of source 0 only: no term
+  args = (assignment, segments, nouns, tokens, src)
+  loss = losses.source_noun_loss(*map(jnp.asarray, args), jnp.float32(5.0), k)
+  ref = _source_noun_loss_reference(*args, 5.0, k)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  assert ref > 0.1
+  separate = tokens.copy()
+  separate[1, 2] = 49 - tokens[0, 0]  # no shared prompt: another loss
+  assert abs(_source_noun_loss_reference(assignment, segments, nouns, separate, src, 5.0, k) - ref) > 1e-3
+  grads = jax.grad(lambda s, scale: losses.source_noun_loss(jnp.asarray(assignment), s, jnp.asarray(nouns),
+                                                            jnp.asarray(tokens), jnp.asarray(src), scale, k),
+                   argnums=(0, 1))(jnp.asarray(segments), jnp.float32(5.0))
+  assert float(jnp.abs(grads[0]).sum()) > 0 and np.isfinite(grads[1]) and grads[1] != 0
+  np.testing.assert_array_equal(grads[0][-1], 0.0)  # the image left out gets no gradient

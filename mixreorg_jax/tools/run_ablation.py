@@ -61,7 +61,7 @@ UNFINGERPRINTED = {"debug_save_fault": "", "input.micro_batch_size": 0, "debug_h
                    "peer_timeout_long_seconds": 1800, "loss.seg_targets": "caption",
                    "model.joint_text_projection": False, "loss.w_segment_naming": 0.0,
                    "optim.ema_decay": 0.0, "loss.w_prompt_uniformity": 0.0,
-                   "input.synthetic_scene_share": -1.0}
+                   "input.synthetic_scene_share": -1.0, "loss.w_source_nouns": 0.0}
 # The demo's evaluation section before config.evals (one evaluation, the synthetic sets), fingerprinted then.
 RECORDED_EVAL_SECTION = {"config": "configs/eval/synthetic.py", "data_root": "", "every_steps": 0, "max_images": 0}
 
