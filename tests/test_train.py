@@ -189,6 +189,7 @@ def test_two_evaluations_log_their_curves_and_their_protocols(synthetic_dir, tmp
     ({"loss.seg_targets": "words"}, "config.loss.seg_targets='words'"),
     ({"loss.seg_targets": "nouns"}, "config.loss.seg_targets='nouns' needs the noun prompts"),
     ({"loss.w_segment_naming": 1.0}, "config.loss.w_segment_naming needs the noun prompts"),
+    ({"loss.w_source_nouns": 1.0}, "config.loss.w_source_nouns needs the noun prompts"),
     ({"optim.ema_decay": 1.0}, r"config.optim.ema_decay=1.0 must be in \[0, 1\)"),
     ({"input.synthetic_scene_share": 1.5}, r"config.input.synthetic_scene_share=1.5: expected a probability"),
 ])

@@ -97,8 +97,10 @@ def test_multi_label_and_noun_segment_step_is_the_same_on_every_mesh():
   config = helpers.tiny_config(**MESH_CONFIG, **{"model.multi_label": True, "input.num_nouns": 3,
                                                   "loss.w_noun_seg": 1.0, "loss.w_segment_nouns": 1.0,
                                                   "loss.w_segment_naming": 1.0, "loss.seg_negatives": "batch",
-                                                  "loss.seg_targets": "nouns", "loss.w_prompt_uniformity": 1.0})
+                                                  "loss.seg_targets": "nouns", "loss.w_prompt_uniformity": 1.0,
+                                                  "loss.w_source_nouns": 1.0})
   metrics = _assert_same_step_on_meshes(config, meshes=((4, 2),))
+  assert metrics["loss_source_nouns"] > 0.1
   assert metrics["loss_multi_label"] > 0.5 * np.log(config.input.batch_size)
   assert metrics["loss_noun_seg"] > 0.1 and metrics["loss_segment_nouns"] > 0.1
   assert metrics["loss_segment_naming"] > 0.1
