@@ -70,7 +70,7 @@ def get_config(arg=None):
   # grouping collapses onto 1-2 segments per image on this data; at 1.0 it forced all 8 groups into every image
   # (tuning split: 8.0 groups, oracle mIoU 18.8), at 0.3 4.7 groups and oracle 53.1. A heavier L_seg trains the
   # segment embeddings that zero-shot segmentation classifies (mixed-image accuracy 0.60 vs 0.53 at w_seg=1).
-  c.loss.w_group_info = 0.3
+  c.loss.w_group_info = 0.7
   c.loss.w_seg = 3.0
   # Not in the paper: every caption noun must be matched by one segment of its image (losses.noun_segment_loss).
   # The losses above train the segments only through captions and the mean segment; this one trains the segment
@@ -89,7 +89,7 @@ def get_config(arg=None):
   c.optim.base_lr = 1e-3
   c.optim.base_batch_size = 32
   c.optim.min_lr = 1e-5
-  c.optim.warmup_steps = 50
+  c.optim.warmup_steps = 200
 
   # Zero-shot segmentation of the synthetic sets, at the end of training (every_steps > 0 adds periodic runs):
   # choices are made on `tuning` (voc_val), never on the held-out `heldout` (voc), which is also reported at the

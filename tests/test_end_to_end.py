@@ -19,7 +19,8 @@ E2E_STEPS = demo.get_config().total_steps  # the demo's own length: shorter runs
 # best object class scored 65.8, 65.6, 67.8, 38.8, 70.1 and 55.2, 32.7 IoU. Seed 3 has the widest smallest margins
 # over both CPU kinds. (The previous demo, L_seg against captions, failed a 4-point margin over chance in 4 of 11
 # such runs, the CI machine's among them: 13.2 mIoU at seed 2, 3.0 above chance.)
-E2E_SEED = 3
+# CI runs one seed; MIXREORG_E2E_SEED=S runs the same test at seed S (how the margins above were measured).
+E2E_SEED = int(os.environ.get("MIXREORG_E2E_SEED", "3"))
 MIOU_OVER_UNTRAINED = 3.0  # mIoU points above the untrained model (the runs' initial parameters)
 BEST_OBJECT_IOU = 25.0  # some object class segmented from its name alone at least this well
 
