@@ -30,7 +30,11 @@ _PAD = b"\0" * 64
 
 
 def make_example(features: Dict[str, object]) -> bytes:
-  """Serialises a tf.train.Example from {key: bytes | str | list of bytes/str | int | list of int}."""
+  """Serialises a tf.train.Example from {key: bytes | str | list of bytes/str | int | list of int}.
+
+  With the feature map's keys in sorted order, so that the same features are the same bytes in every process
+  (the default order of protobuf's map serialisation is not fixed).
+  """
   feats = {}
   for key, value in features.items():
     values = value if isinstance(value, (list, tuple)) else [value]
@@ -39,7 +43,7 @@ def make_example(features: Dict[str, object]) -> bytes:
       feats[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
     else:
       feats[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 # ---------------------------------------------------------------------------------------------- header checks
