@@ -13,16 +13,17 @@ from tests import test_train_common as common
 
 E2E_STEPS = demo.get_config().total_steps  # the demo's own length: shorter runs do not yet learn to segment.
 # The demo's runs are chaotic: another CPU kind or another thread count is another trajectory, so the test's run is
-# a fresh draw whatever its seed. Held-out (all 500 images, the demo's own evaluation), the demo config scored, at
-# seeds 0-4 on a 2-core EPYC with AVX-512 and at seeds 3 and 4 on one without it, above the untrained model by
-# 14.7, 13.5, 14.7, 13.2, 25.9 and 20.1, 3.7 mIoU; above chance by 11.2, 11.2, 12.1, 8.5, 24.7 and 14.9, 1.9; its
-# best object class scored 65.8, 65.6, 67.8, 38.8, 70.1 and 55.2, 32.7 IoU. Seed 3 has the widest smallest margins
-# over both CPU kinds. (The previous demo, L_seg against captions, failed a 4-point margin over chance in 4 of 11
-# such runs, the CI machine's among them: 13.2 mIoU at seed 2, 3.0 above chance.)
-# CI runs one seed; MIXREORG_E2E_SEED=S runs the same test at seed S (how the margins above were measured).
+# a fresh draw whatever its seed. Held-out (all 500 images, the demo's own evaluation), the demo config (data
+# version 3) scored at seeds 0-4 on a 2-core AMD EPYC with AVX-512, one core each, above the untrained model by
+# 25.9, 19.0, 28.0, 20.8, 22.4 mIoU and above chance by 19.9, 13.6, 22.3, 13.7, 18.2; its best object class scored
+# 60.8, 45.6, 74.1, 52.0, 59.8 IoU, with 5.8-6.8 groups per image. This test itself (2 threads) at seeds 3 (above
+# the untrained model by 28.7, above chance by 21.4, best class 49.4). The thresholds sit 9-16 points under the
+# smallest of those margins. (The demo on data version 2 missed a 4-point margin over chance in 4 of 11 such runs.)
+# CI runs one seed; MIXREORG_E2E_SEED=S runs the test at seed S.
 E2E_SEED = int(os.environ.get("MIXREORG_E2E_SEED", "3"))
-MIOU_OVER_UNTRAINED = 3.0  # mIoU points above the untrained model (the runs' initial parameters)
-BEST_OBJECT_IOU = 25.0  # some object class segmented from its name alone at least this well
+MIOU_OVER_UNTRAINED = 8.0  # mIoU points above the untrained model (the runs' initial parameters)
+MIOU_OVER_CHANCE = 4.0  # mIoU points above chance (every patch on a random group)
+BEST_OBJECT_IOU = 30.0  # some object class segmented from its name alone at least this well
 
 
 def _report(results: dict) -> str:
@@ -57,7 +58,7 @@ def test_caption_pretraining_learns_zero_shot_segmentation_end_to_end(synthetic_
   # Segmentation from class names alone, above both baselines computed in the same run: the untrained model, and
   # the trained one with every patch on a random group (so the learned groups add to the naming).
   assert results["mIoU"] > results["untrained_mIoU"] + MIOU_OVER_UNTRAINED, report
-  assert results["mIoU"] > results["chance_mIoU"], report
+  assert results["mIoU"] > results["chance_mIoU"] + MIOU_OVER_CHANCE, report
   objects = [v for k, v in results.items() if k.startswith("per_class/") and k != "per_class/background"]
   assert max(objects) >= BEST_OBJECT_IOU, report
   assert results["groups_per_image"] > 1.5, report  # no collapse onto one segment per image
