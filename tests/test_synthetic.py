@@ -1,6 +1,5 @@
 """The synthetic generator: reproducible shards and VOC-layout segmentation sets that agree with the captions."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from mixreorg_jax.data import synthetic
+from tests import test_train_common as common
 
 
 def test_render_is_seeded_and_labels_match_the_named_classes():
@@ -119,7 +119,7 @@ def test_training_records_are_the_same_bytes_in_every_process():
   code = ("import hashlib; from mixreorg_jax.data import preprocess; "
           "print(hashlib.sha256(preprocess.make_example({'jpg': b'1', 'txt': 'a circle', 'nouns': ['circle', 'x']})"
           ").hexdigest())")
-  digests = {subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONHASHSEED": str(seed), "TF_CPP_MIN_LOG_LEVEL": "3"}
+  digests = {subprocess.run([sys.executable, "-c", code], cwd=common.REPO, check=True, capture_output=True, text=True,
+                            env=dict(common.SUBPROCESS_ENV, PYTHONHASHSEED=str(seed))
                             ).stdout.strip().splitlines()[-1] for seed in (1, 2, 3)}
   assert len(digests) == 1, digests

@@ -59,7 +59,7 @@ OBJECT_TEMPLATES = tuple(t for t in CAPTION_TEMPLATES if "{bg}" not in t)
 DEFAULT_SCENE_SHARE = -1.0
 # Bumped when the bytes written for the same arguments change, so that an older copy is regenerated.
 # 2: the nouns of a training record include the background's noun phrase when its caption mentions it.
-# 3: larger objects (OBJECT_RADIUS (0.2, 0.32) of the image size, was (0.14, 0.26)).
+# 3: larger objects (OBJECT_RADIUS below; it was (0.14, 0.26)).
 DATA_VERSION = 3
 # An object's radius, as a fraction of the image size: 13-20 px at 64 px, so that an object spans 3-5 of the
 # demo's 8 px patches across, as a photo's objects span several of GroupViT's 16 px patches. At (0.14, 0.26),
