@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs.eval import synthetic as synthetic_eval
 from mixreorg_jax import checkpoint_io
 from mixreorg_jax import evaluator
 from mixreorg_jax import seg_metrics
@@ -149,7 +150,9 @@ def test_evaluations_are_on_with_data_and_checked_before_anything_runs(tmp_path)
   write_synthetic_sets(tmp_path / "synth")
   config = tiny_train_config(tmp_path / "synth")
   evals = evaluator.enabled_evals(config)
-  assert evals["tuning"].data.root == str(tmp_path / "synth" / "voc_val") and evals["tuning"].short_side == 0
+  assert evals["tuning"].data.root == str(tmp_path / "synth" / "voc_val")
+  # Both splits with the protocol of configs/eval/synthetic.py, which `evaluate` uses on an exported checkpoint.
+  assert evals["tuning"].short_side == evals["heldout"].short_side == synthetic_eval.SHORT_SIDE > 64
   assert evals["heldout"].data.root == str(tmp_path / "synth" / "voc")
   config.evals.tuning.synthetic = ""  # no data: off, and held-out has no threshold to take.
   assert list(evaluator.enabled_evals(config)) == ["heldout"]
