@@ -145,6 +145,24 @@ def test_patch_grid_ceiling_gives_every_patch_its_majority_label():
   assert diagnose.Diagnosis(CLASSES, (0.5,), 0.5).summary()["patch_grid_ceiling_mIoU"] is None
 
 
+def test_patch_grid_ceiling_follows_the_protocols_resize():
+  # 6 px resized to 9 with 3 px patches: pixel centres 0.75, 2.25, 3.75, ... -> rows 0, 0, 1, 1, 2, 2 of 3 cells.
+  assert np.array_equal(diagnose.patch_grid((6, 6), 3, (9, 9))[:, 0], [0, 0, 3, 3, 6, 6])
+  assert np.array_equal(diagnose.patch_grid((6, 6), 3, (9, 9))[0], [0, 0, 1, 1, 2, 2])
+  assert np.array_equal(diagnose.patch_grid((4, 4), 4, (8, 8)), [[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2)
+  label = np.zeros((8, 8), np.int64)
+  label[0:2, 0:2] = 1
+  label[4:6, 4:8] = 2  # both on the 2 px grid that 4 px patches of the image resized to 16 make, not on 4 px
+
+  def ceiling(short_side):
+    d = diagnose.Diagnosis(CLASSES, (0.5,), 0.5, patch_size=4, short_side=short_side)
+    d.add(label, scores_naming(label, {1: 1, 2: 2, 3: 3}), label)
+    return d.summary()["patch_grid_ceiling_mIoU"]
+
+  assert ceiling(16) == pytest.approx(100)
+  assert ceiling(0) < 50  # at the native size class 1 has 4 of a 16-pixel cell and class 2 half of one
+
+
 def test_nearest_prompt_is_the_other_class_with_the_highest_cosine():
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   emb = unit(np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]]))

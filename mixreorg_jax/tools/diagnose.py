@@ -10,8 +10,8 @@ config's protocol once, this reports
   oracle mIoU          every group of the argmax group map takes its majority ground-truth label: the mIoU of
                        a perfect namer on these groups (low = the grouping fails);
   patch-grid ceiling   every patch of the model's grid takes its majority label: what a model that groups and
-                       names every patch right would reach, the bound its patch size sets on these labels (native-
-                       size protocols only: with a resize the patches do not fall on the label's pixel grid);
+                       names every patch right would reach, the bound its patch size sets on these labels (one-window
+                       protocols only; with a resize, a label pixel falls in the patch its centre maps into);
   groups named right   of the object groups (more than half of their labelled pixels one foreground class), the
                        share whose predicted label (the majority of the protocol's labels over the group) is that
                        class (low with a high oracle = the naming fails);
@@ -88,10 +88,15 @@ def oracle_labels(label: np.ndarray, groups: np.ndarray, num_classes: int,
   return out
 
 
-def patch_grid(shape: Tuple[int, int], patch: int) -> np.ndarray:
-  """int [H, W]: the index of the patch x patch cell of each pixel, row-major (a partial last cell counts)."""
+def patch_grid(shape: Tuple[int, int], patch: int, resized: Optional[Tuple[int, int]] = None) -> np.ndarray:
+  """int [H, W]: the index of the model's patch x patch cell that each pixel of an [H, W] label falls in, row-major
+  (a partial last cell counts). resized: the (h, w) the image is resized to before the model sees it (None: its
+  own size); a pixel then falls in the cell that its centre maps into."""
+  h, w = resized or shape
   yy, xx = np.mgrid[:shape[0], :shape[1]]
-  return yy // patch * -(-shape[1] // patch) + xx // patch
+  rows = ((yy + 0.5) * h / shape[0]).astype(np.int64) // patch
+  columns = ((xx + 0.5) * w / shape[1]).astype(np.int64) // patch
+  return rows * -(-w // patch) + columns
 
 
 def object_groups_named(label: np.ndarray, pred: np.ndarray, groups: np.ndarray, num_classes: int,
@@ -145,11 +150,13 @@ class Diagnosis:
   """Accumulates the statistics of `diagnose` over images (label 0 is the background)."""
 
   def __init__(self, class_names: Sequence[str], thresholds: Sequence[float], protocol_threshold: float,
-               patch_size: int = 0):
-    """patch_size: the model's patch in label pixels, for the patch-grid ceiling (0 = not reported)."""
+               patch_size: int = 0, short_side: int = 0):
+    """patch_size: the model's patch, for the patch-grid ceiling (0 = not reported); short_side: the protocol's
+    resize (`zeroshot.resized_shape`) of a one-window protocol, 0 = the images' own size."""
     self.class_names = tuple(class_names)
     self.protocol_threshold = float(protocol_threshold)
     self.patch_size = int(patch_size)
+    self.short_side = int(short_side)
     c = len(class_names)
     self.confusion = np.zeros((c, c), np.int64)  # at the protocol's threshold
     self.oracle_confusion = np.zeros((c, c), np.int64)
@@ -169,7 +176,11 @@ class Diagnosis:
     self.confusion += seg_metrics.confusion_matrix(label, pred, c)
     self.oracle_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, groups, c), c)
     if self.patch_size:
-      cells = patch_grid(label.shape, self.patch_size)
+      resized = None
+      if self.short_side:
+        from mixreorg_jax import zeroshot  # pylint: disable=g-import-not-at-top
+        resized = zeroshot.resized_shape(*label.shape, self.short_side)
+      cells = patch_grid(label.shape, self.patch_size, resized)
       self.ceiling_confusion += seg_metrics.confusion_matrix(label, oracle_labels(label, cells, c), c)
     self.unthresholded_confusion += seg_metrics.confusion_matrix(label, foreground_scores.argmax(axis=0) + 1, c)
     self.sweep.add(label, foreground_scores, best_group_score)
@@ -282,8 +293,8 @@ def diagnose_examples(examples: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarra
                       class_names: Sequence[str], config: ml_collections.ConfigDict,
                       thresholds: Sequence[float], patch_size: int = 0) -> Dict[str, Any]:
   """(label [H, W], scores [C, H, W] with a background channel first, groups [H, W], best group score) per
-  image -> summary. patch_size: the model's patch in label pixels (0: no patch-grid ceiling)."""
-  diagnosis = Diagnosis(class_names, thresholds, config.bg_threshold, patch_size)
+  image -> summary. patch_size: the model's patch (0: no patch-grid ceiling), on the grid of config.short_side."""
+  diagnosis = Diagnosis(class_names, thresholds, config.bg_threshold, patch_size, config.short_side)
   for label, scores, groups, best_group_score in examples:
     diagnosis.add(label, scores[1:], groups, best_group_score)
   return diagnosis.summary()
@@ -319,8 +330,8 @@ def diagnose_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, outp
       yield name, image
 
   segmented = ((labels.pop(s.key), s.scores, s.groups, s.best_group_score) for s in segmenter(images()))
-  native = not (protocol.short_side or protocol.window)
-  patch_size = int(model.config.vision.patch_size) if native else 0
+  one_window = not protocol.window  # the patch grid is one grid over the (resized) image
+  patch_size = int(model.config.vision.patch_size) if one_window else 0
   summary = diagnose_examples(segmented, class_names, config, thresholds, patch_size)
   prompted = zeroshot.foreground_names(class_names, True)
   for name, (other, cos) in nearest_prompts(np.asarray(class_emb), prompted).items():
