@@ -1,6 +1,8 @@
 """The ablation runner: the table (mean ± std over seeds, baselines) and the tracked file of finished runs."""
 import json
 
+import pytest
+
 from mixreorg_jax.tools import run_ablation
 
 
@@ -128,6 +130,33 @@ def test_runs_with_other_overrides_get_their_own_directory():
   assert run_ablation.run_dir_name("mixreorg", "3", ["--config.b=2", "--config.a=1"]) == a  # order-free
   assert run_ablation.run_dir_name("mixreorg", "3", ["--config.a=2", "--config.b=2"]) != a
   assert run_ablation.run_dir_name("mixreorg", "4", ["--config.a=1", "--config.b=2"]) != a
+
+
+def test_a_run_directory_of_another_config_is_neither_recorded_nor_resumed(tmp_path, monkeypatch):
+  """After an edit of configs/demo.py, `<variant>_seed<S>` may hold a run of the config before."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+
+  def write_run(run_dir, crop_scale, seed=3):
+    config = demo.get_config("k4")  # what the trainer writes to WORKDIR/config.json
+    config.seed = config.input.seed = seed
+    config.input.crop_scale = crop_scale
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 9, "eval/heldout/mIoU": 30.0}) + "\n")
+    return str(run_dir)
+
+  extra = ["--config.input.crop_scale=(0.25,1.0)"]
+  monkeypatch.setattr(run_ablation.subprocess, "run", lambda *a, **k: None)  # nothing is trained here
+  same = write_run(tmp_path / "same", (0.25, 1.0))
+  assert run_ablation.train_run("k4", "3", same, extra) == {"eval/heldout/mIoU": 30.0}
+  before = write_run(tmp_path / "before", (0.5, 1.0))
+  with pytest.raises(ValueError, match=r"another config .* \(differs in input\.crop_scale\)"):
+    run_ablation.train_run("k4", "3", before, extra)
+  with pytest.raises(ValueError, match=r"differs in input\.seed, seed\)"):
+    run_ablation.train_run("k4", "3", write_run(tmp_path / "seed", (0.25, 1.0), seed=4), extra)
+  with pytest.raises(ValueError, match="another config"):  # a variant is a config too
+    run_ablation.train_run("mixreorg", "3", same, extra)
+  run_ablation.train_run("k4", "3", str(tmp_path / "new"), extra)  # nothing there yet: trained
 
 
 def test_a_new_record_says_which_cpu_trained_it(tmp_path, monkeypatch):

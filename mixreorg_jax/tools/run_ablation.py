@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
 from mixreorg_jax import workdir as workdir_lib
@@ -232,6 +233,52 @@ def train_command(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -
           f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
 
 
+def trained_config(variant: str, seed: str, extra: Sequence[str]) -> Dict:
+  """What `train_command(variant, seed, ..., extra)` trains: its config as the trainer writes it to
+  WORKDIR/config.json (JSON), without the evaluations."""
+  argv = ["run_ablation", f"--config={DEMO_CONFIG}:{variant}", f"--config.seed={seed}", f"--config.input.seed={seed}",
+          *extra]
+  parser = flags.FlagValues()
+  # The trainer's flag, reading its --config.* overrides from argv (not sys.argv).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=parser, lock_config=True, sys_argv=argv)
+  parser(argv)
+  config = json.loads(parser.config.to_json_best_effort())
+  del config["evals"]
+  return config
+
+
+def check_run_dir(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> None:
+  """Raises if run_dir holds a run (finished or not) of another config than (variant, seed, extra) trains now.
+
+  A run directory is named by variant, seed and overrides only, so after an edit of configs/demo.py it may hold a
+  run of the config before: its metrics must not be recorded, nor the run resumed, under the config after.
+  """
+  path = workdir_lib.config_path(run_dir)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    found = json.load(f)
+  found.pop("evals", None)
+  expected = trained_config(variant, seed, extra)
+  if found != expected:
+    differ = sorted(_differences(found, expected))
+    raise ValueError(f"{run_dir} holds a run of another config than {DEMO_CONFIG}:{variant} at seed {seed} with "
+                     f"{list(extra)} trains now (differs in {', '.join(differ[:8])}"
+                     f"{', ...' if len(differ) > 8 else ''}): move it away, or give another --workdir.")
+
+
+def _differences(a: Dict, b: Dict, prefix: str = "") -> List[str]:
+  """The dotted keys whose values differ between two nested dicts."""
+  keys = []
+  for key in sorted(set(a) | set(b)):
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, dict) and isinstance(y, dict):
+      keys += _differences(x, y, f"{prefix}{key}.")
+    elif x != y:
+      keys.append(prefix + key)
+  return keys
+
+
 def train_run(variant: str, seed: str, run_dir: str, extra: Sequence[str], reevaluate: bool = False
               ) -> Dict[str, float]:
   """Trains and evaluates one run in run_dir (resuming it if it was interrupted). -> its final eval metrics.
@@ -239,6 +286,7 @@ def train_run(variant: str, seed: str, run_dir: str, extra: Sequence[str], reeva
   A finished run is left alone unless reevaluate: then the trainer, finding the last step checkpointed, only
   runs the final evaluation again.
   """
+  check_run_dir(variant, seed, run_dir, extra)
   if reevaluate or not final_metrics(run_dir):
     cmd = train_command(variant, seed, run_dir, extra)
     print(" ".join(cmd), flush=True)
