@@ -69,6 +69,16 @@ def test_finished_runs_are_kept_in_the_results_file_and_not_run_again(tmp_path, 
   assert final[key]["metrics"] == {"eval/mIoU": 41.5}
   assert final[key]["seconds"] == records[0]["seconds"]
 
+  # Re-evaluation trains nothing: a run neither recorded nor finished is skipped ...
+  assert run_ablation.run("mixreorg", "7", str(tmp_path / "r7"), extra, results, again, "abc", True) == {}
+  assert len(trained) == 5
+  # ... and one finished but not recorded is evaluated again, then recorded.
+  (tmp_path / "r8").mkdir()
+  (tmp_path / "r8" / "metrics.jsonl").write_text(json.dumps({"step": 9, "eval/mIoU": 1.0}) + "\n")
+  assert run_ablation.run("mixreorg", "8", str(tmp_path / "r8"), extra, results, again, "abc", True) == {
+      "eval/mIoU": 48.5}
+  assert trained[-1] == ("mixreorg", "8", True)
+
 
 def test_a_run_recorded_on_another_cpu_kind_is_trained_again_here(tmp_path, monkeypatch):
   """Float rounding differs between CPU kinds -- another model with the same instruction set included -- so a

@@ -305,17 +305,21 @@ def append_record(results_path: str, record: Dict) -> None:
 def run(variant: str, seed: str, run_dir: str, extra: Sequence[str], results_path: str,
         known: Dict[str, Dict], fingerprint: str, reevaluate: bool = False) -> Dict[str, float]:
   """The metrics of (variant, seed, extra) at the demo config `fingerprint`: from the results file, or trained
-  now and appended to it. Only a run recorded on this machine's CPU kind counts as done. With reevaluate, a known
-  run whose workdir is here is evaluated again."""
+  now and appended to it. Only a run recorded on this machine's CPU kind counts as done. With reevaluate, a run
+  whose workdir is here is evaluated again, and nothing is trained: a run neither recorded nor finished here is
+  skipped (-> {})."""
   key = run_key(variant, seed, extra, fingerprint, cpu_kind(host_description()))
   if key in known:
     if not (reevaluate and os.path.isdir(workdir_lib.checkpoint_dir(run_dir))):
       return known[key]["metrics"]
     record = dict(known[key], metrics=train_run(variant, seed, run_dir, extra, reevaluate=True),
                   evaluated_commit=_commit())
+  elif reevaluate and not final_metrics(run_dir):
+    print(f"{variant} at seed {seed}: no finished run in {run_dir} to evaluate again; skipped.", flush=True)
+    return {}
   else:
     start = time.time()
-    metrics = train_run(variant, seed, run_dir, extra)
+    metrics = train_run(variant, seed, run_dir, extra, reevaluate)
     record = {"variant": variant, "seed": str(seed), "overrides": sorted(extra), "config": fingerprint,
               "metrics": metrics, "commit": _commit(), "seconds": round(time.time() - start, 1),
               "host": host_description()}
@@ -392,8 +396,9 @@ def main(argv):
           results[variant].append(record["metrics"])
         continue
       run_dir = os.path.join(FLAGS.workdir, run_dir_name(variant, seed, extra))
-      results[variant].append(run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant],
-                                  FLAGS.reevaluate))
+      metrics = run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant], FLAGS.reevaluate)
+      if metrics:
+        results[variant].append(metrics)
   text = table({v: runs for v, runs in results.items() if runs})
   output = FLAGS.output or os.path.join(FLAGS.workdir, "ablation.md")
   os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
