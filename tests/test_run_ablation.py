@@ -28,6 +28,21 @@ def test_table_reports_mean_std_per_variant_and_baselines():
   assert len(rows) == 6
 
 
+def test_per_seed_tables_give_each_seed_its_figures_and_per_class_iou():
+  h = "eval/heldout/"
+  runs = [("3", {h + "mIoU": 30.0, "eval/tuning/mIoU": 28.0, h + "tuned_bg_threshold": 0.35, h + "tuned_bg_mIoU": 32.0,
+                 h + "per_class/background": 70.0, h + "per_class/circle": 50.0}),
+          ("7", {"eval/mIoU": 40.0, "eval/per_class/background": 80.0, "eval/per_class/circle": 10.0})]  # old names
+  text = run_ablation.per_seed_tables("mixreorg", runs)
+  rows = text.split("\n")
+  assert rows[0] == "MixReorg, per seed:"
+  assert rows[4] == "| 3 | 30.0 | 28.0 | 0.35 | 32.0 |  |  |  |  |"
+  assert rows[5] == "| 7 | 40.0 |  |  |  |  |  |  |  |"
+  assert rows[6] == "| mean ± std over 2 seeds | 35.0 ± 5.0 | 28.0 ± 0.0 |  | 32.0 ± 0.0 |  |  |  |  |"
+  assert "| seed | background | circle |" in text and "| mean | 75.0 | 30.0 |" in text
+  assert "threshold tuned on the tuning split:" not in text  # no run has tuned per-class IoU
+
+
 def test_finished_runs_are_kept_in_the_results_file_and_not_run_again(tmp_path, monkeypatch):
   results = str(tmp_path / "runs.jsonl")
   trained = []

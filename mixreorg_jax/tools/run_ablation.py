@@ -12,7 +12,7 @@ checkpoint in the workdir. Only runs recorded on this machine's CPU kind (its mo
 rounding, hence a run, differs between them) count as done. Extra `--config.*` arguments are passed to every run (e.g. `--config.total_steps=450`
 for a quicker sweep) and are part of what identifies it, as is the config fingerprint: after an edit of
 configs/demo.py the earlier runs no longer count. `--table_only` rebuilds the table from the results file
-without training, from the runs of this machine's CPU kind or of `--cpu_kind`; `--reevaluate` runs the final evaluation of finished runs again from their workdirs (after a
+without training, from the runs of this machine's CPU kind or of `--cpu_kind`; `--per_seed` adds each variant's per-seed and per-class tables; `--reevaluate` runs the final evaluation of finished runs again from their workdirs (after a
 change of the evaluation, not of training) and appends their new metrics.
 
 The table reports mean ± standard deviation over seeds (population std) of the held-out mIoU, the tuning-split
@@ -77,6 +77,7 @@ def define_flags() -> None:
   flags.DEFINE_string("results", DEFAULT_RESULTS, "JSON-lines file of finished runs (read, then appended to).")
   flags.DEFINE_string("output", "", "Markdown table path (default <workdir>/ablation.md).")
   flags.DEFINE_bool("table_only", False, "Only rebuild the table from --results; train nothing.")
+  flags.DEFINE_bool("per_seed", False, "Also write, per variant, its seeds' figures and per-class IoU.")
   flags.DEFINE_bool("reevaluate", False, "Evaluate finished runs again from their workdirs (no training) and "
                     "append their new metrics to --results.")
   flags.DEFINE_string("cpu_kind", "", "With --table_only, the runs of which CPU kind make the table: a kind as "
@@ -373,6 +374,42 @@ def table(results: Dict[str, List[Dict[str, float]]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def per_seed_tables(variant: str, runs: Sequence[Tuple[str, Dict[str, float]]]) -> str:
+  """Markdown for one variant's (seed, metrics) runs: one row per seed (held-out and tuning mIoU, the threshold
+  tuned on the tuning split and the held-out mIoU at it, image-level top-1, groups per image, the chance and
+  untrained baselines) with the mean ± std of the mIoUs, then the held-out per-class IoU at the protocol's
+  threshold and at the tuned one, per seed and their mean."""
+  held_out, tuning = f"eval/{HELD_OUT}", f"eval/{TUNING}"
+  runs = [(seed, current_names(metrics)) for seed, metrics in runs]
+  value = lambda metrics, key, digits=1: f"{metrics[key]:.{digits}f}" if key in metrics else ""  # noqa: E731
+  # (header, metric, digits, whether the last row gives its mean ± std)
+  columns = [("held-out mIoU", f"{held_out}/mIoU", 1, True), ("tuning mIoU", f"{tuning}/mIoU", 1, True),
+             ("threshold tuned on the tuning split", f"{held_out}/tuned_bg_threshold", 2, False),
+             ("held-out mIoU at it", f"{held_out}/tuned_bg_mIoU", 1, True),
+             ("image-level top-1 %", f"{held_out}/image_top1", 1, False),
+             ("groups per image", f"{held_out}/groups_per_image", 1, False),
+             ("chance mIoU", f"{held_out}/chance_mIoU", 1, False),
+             ("untrained mIoU", f"{held_out}/untrained_mIoU", 1, False)]
+  lines = [f"{DESCRIPTIONS.get(variant, variant)}, per seed:", "",
+           "| seed | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for seed, metrics in runs:
+    lines.append(f"| {seed} | " + " | ".join(value(metrics, key, digits) for _, key, digits, _ in columns) + " |")
+  summary = [_mean_std_of([m for _, m in runs], key) if summarised else "" for _, key, _, summarised in columns]
+  lines.append(f"| mean ± std over {len(runs)} seeds | " + " | ".join(summary) + " |")
+  for title, prefix in (("at the protocol's background threshold", f"{held_out}/per_class/"),
+                        ("at the threshold tuned on the tuning split", f"{held_out}/tuned_bg_per_class/")):
+    classes = list(dict.fromkeys(k[len(prefix):] for _, m in runs for k in m if k.startswith(prefix)))
+    if not classes:
+      continue
+    lines += ["", f"Held-out per-class IoU, {title}:", "", "| seed | " + " | ".join(classes) + " |",
+              "|---" * (len(classes) + 1) + "|"]
+    for seed, metrics in runs:
+      lines.append(f"| {seed} | " + " | ".join(value(metrics, prefix + c) for c in classes) + " |")
+    means = [np.mean(_logged([m for _, m in runs], prefix + c)) for c in classes]
+    lines.append("| mean | " + " | ".join(f"{x:.1f}" for x in means) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   console.to_log_file(console.tool_log_path("run_ablation"))
   extra = [a for a in argv[1:] if a.startswith("--config.")]
@@ -386,20 +423,21 @@ def main(argv):
                      "an instruction set alone, or any).")
   if FLAGS.cpu_kind and not FLAGS.table_only:
     raise ValueError("--cpu_kind selects recorded runs for --table_only; a sweep trains on this machine's kind.")
-  results = {v: [] for v in FLAGS.variants}
+  results = {v: [] for v in FLAGS.variants}  # variant -> [(seed, metrics)]
   # Seed-major order: an interrupted sweep has every variant at the same number of seeds.
   for seed in FLAGS.seeds:
     for variant in FLAGS.variants:
       if FLAGS.table_only:
         record = find_record(known, variant, seed, extra, fingerprints[variant], cpu)
-        if record:
-          results[variant].append(record["metrics"])
-        continue
-      run_dir = os.path.join(FLAGS.workdir, run_dir_name(variant, seed, extra))
-      metrics = run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant], FLAGS.reevaluate)
+        metrics = record["metrics"] if record else {}
+      else:
+        run_dir = os.path.join(FLAGS.workdir, run_dir_name(variant, seed, extra))
+        metrics = run(variant, seed, run_dir, extra, FLAGS.results, known, fingerprints[variant], FLAGS.reevaluate)
       if metrics:
-        results[variant].append(metrics)
-  text = table({v: runs for v, runs in results.items() if runs})
+        results[variant].append((seed, metrics))
+  text = table({v: [m for _, m in runs] for v, runs in results.items() if runs})
+  if FLAGS.per_seed:
+    text += "".join("\n" + per_seed_tables(v, runs) for v, runs in results.items() if runs)
   output = FLAGS.output or os.path.join(FLAGS.workdir, "ablation.md")
   os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
   with open(output, "w") as f:
