@@ -182,6 +182,13 @@ def test_a_run_directory_of_another_config_is_neither_recorded_nor_resumed(tmp_p
   with pytest.raises(ValueError, match="another config"):  # a variant is a config too
     run_ablation.train_run("mixreorg", "3", same, extra)
   run_ablation.train_run("k4", "3", str(tmp_path / "new"), extra)  # nothing there yet: trained
+  # A run written before a key was added, at the value that trains as before, is the same run.
+  older = tmp_path / "older"
+  older.mkdir()
+  config = json.loads((tmp_path / "same" / "config.json").read_text())
+  assert config["optim"].pop("ema_decay") == run_ablation.UNFINGERPRINTED["optim.ema_decay"]
+  (older / "config.json").write_text(json.dumps(config))
+  run_ablation.train_run("k4", "3", str(older), extra)
 
 
 def test_a_new_record_says_which_cpu_trained_it(tmp_path, monkeypatch):

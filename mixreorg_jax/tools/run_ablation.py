@@ -127,6 +127,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def drop_unfingerprinted(config: Dict) -> Dict:
+  """Removes from a config dict, in place, the keys of UNFINGERPRINTED that are at their default (or absent, as
+  in the configs written before them). -> config."""
+  for key, default in UNFINGERPRINTED.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node.get(parent, {})
+    if name in node and node[name] == default:
+      del node[name]
+  return config
+
+
 def config_fingerprint(variant: str) -> str:
   """12 hex digits of the SHA-1 of what `configs/demo.py:<variant>` trains, as JSON: changes whenever the training
   part of the demo config does, not when its evaluations do (re-evaluating a run is --reevaluate).
@@ -136,13 +149,7 @@ def config_fingerprint(variant: str) -> str:
   """
   config = load_config(f"{DEMO_CONFIG}:{variant}").to_dict()
   del config["evals"]
-  for key, default in UNFINGERPRINTED.items():
-    *parents, name = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    if node.get(name) == default:
-      del node[name]
+  drop_unfingerprinted(config)
   config["eval"] = RECORDED_EVAL_SECTION
   if synthetic.DATA_VERSION > 1:  # the data the demo generates is part of what it trains on.
     config["synthetic_data_version"] = synthetic.DATA_VERSION
@@ -260,7 +267,8 @@ def check_run_dir(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -
   with open(path) as f:
     found = json.load(f)
   found.pop("evals", None)
-  expected = trained_config(variant, seed, extra)
+  # A run from before a key was added, at the value that trains as before, is the same run (as its fingerprint).
+  found, expected = drop_unfingerprinted(found), drop_unfingerprinted(trained_config(variant, seed, extra))
   if found != expected:
     differ = sorted(_differences(found, expected))
     raise ValueError(f"{run_dir} holds a run of another config than {DEMO_CONFIG}:{variant} at seed {seed} with "
