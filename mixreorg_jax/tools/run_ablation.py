@@ -236,16 +236,19 @@ def _commit() -> str:
     return ""
 
 
+def config_args(variant: str, seed: str, extra: Sequence[str]) -> List[str]:
+  """The trainer's --config arguments for (variant, seed, extra): the demo variant, its seed, then the overrides."""
+  return [f"--config={DEMO_CONFIG}:{variant}", f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
+
+
 def train_command(variant: str, seed: str, run_dir: str, extra: Sequence[str]) -> List[str]:
-  return [sys.executable, "-m", "mixreorg_jax.train", f"--config={DEMO_CONFIG}:{variant}", f"--workdir={run_dir}",
-          f"--config.seed={seed}", f"--config.input.seed={seed}", *extra]
+  return [sys.executable, "-m", "mixreorg_jax.train", f"--workdir={run_dir}", *config_args(variant, seed, extra)]
 
 
 def trained_config(variant: str, seed: str, extra: Sequence[str]) -> Dict:
   """What `train_command(variant, seed, ..., extra)` trains: its config as the trainer writes it to
   WORKDIR/config.json (JSON), without the evaluations."""
-  argv = ["run_ablation", f"--config={DEMO_CONFIG}:{variant}", f"--config.seed={seed}", f"--config.input.seed={seed}",
-          *extra]
+  argv = ["run_ablation", *config_args(variant, seed, extra)]
   parser = flags.FlagValues()
   # The trainer's flag, reading its --config.* overrides from argv (not sys.argv).
   config_flags.DEFINE_config_file("config", None, "", flag_values=parser, lock_config=True, sys_argv=argv)
